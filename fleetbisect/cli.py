@@ -1,0 +1,173 @@
+"""Commands only: parse, load config, call one function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, FleetbisectError, UserError
+from .ui import UI
+
+# `git bisect run` reads 1..127 (but 125) as "bad": any failure of `step` that is not a
+# verdict must exit >= 128 so that git stops instead of marking a wrong commit.
+STEP_ABORT = 128
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fleetbisect"
+
+
+def default_inventory() -> list[Path]:
+    found = [p for p in (Path("inventory"),) if p.exists()]
+    cfg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "fleetbisect" / "inventory"
+    if cfg.exists():
+        found.append(cfg)
+    return found
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", required=True, help="host name from the inventory")
+    p.add_argument("--playbook", required=True, type=Path, help="playbook YAML file")
+    p.add_argument(
+        "--inventory", action="append", type=Path,
+        help="inventory file or directory (repeatable; default: ./inventory and "
+        "~/.config/fleetbisect/inventory)",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="fleetbisect", description="Bisect Linux kernel regressions on remote machines."
+    )
+    ap.add_argument("--version", action="version", version=f"fleetbisect {__version__}")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only the result and errors")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="bisect a range end to end and report the first bad commit")
+    _add_target_args(p)
+    p.add_argument("--repo", type=Path, default=Path("."), help="kernel git repository (default: .)")
+    p.add_argument("--good", required=True, help="a commit known to be good")
+    p.add_argument("--bad", required=True, help="a commit known to be bad")
+    p.add_argument("--run-dir", type=Path, help="where the run's evidence and report go")
+
+    p = sub.add_parser("step", help="test HEAD once; exit 0 good, 1 bad, 125 skip, 128 abort "
+                       "(for `git bisect run`)")
+    _add_target_args(p)
+    p.add_argument("--repo", type=Path, default=Path("."), help="tree to build (default: .)")
+    p.add_argument("--evidence-dir", type=Path, help="where this step's evidence goes")
+
+    p = sub.add_parser("check", help="validate inventory and playbook, probe the host; change nothing")
+    _add_target_args(p)
+
+    p = sub.add_parser("demo", help="bring up the embedded lab and bisect its seeded regression")
+    p.add_argument("--dir", type=Path, help="where the lab and the run go (default: state dir)")
+    p.add_argument("--commits", type=int, default=210, help="commits in the generated repo")
+    p.add_argument("--seed", type=int, help="seed of the generated repo (default: random)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    ui = UI(quiet=args.quiet)
+    abort_code = STEP_ABORT if args.command == "step" else None
+    try:
+        return COMMANDS[args.command](args, ui)
+    except ConfigError as e:
+        for problem in e.problems:
+            ui.error(problem)
+        return abort_code or e.exit_code
+    except UserError as e:
+        ui.error(f"error: {e}")
+        return abort_code or e.exit_code
+    except FleetbisectError as e:
+        ui.error(f"aborted: {e}")
+        return abort_code or e.exit_code
+    except KeyboardInterrupt:
+        ui.error("interrupted")
+        return abort_code or 130
+
+
+def _load(args):
+    from .config.inventory import load_inventory
+    from .config.playbook import load_playbook
+
+    paths = args.inventory or default_inventory()
+    if not paths:
+        raise UserError("no inventory: pass --inventory FILE|DIR or create ./inventory/")
+    # Validate both before anything touches a host.
+    problems: list[str] = []
+    inventory = playbook = None
+    try:
+        inventory = load_inventory(paths)
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        playbook = load_playbook(args.playbook)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return inventory.host(args.host), playbook
+
+
+def cmd_run(args, ui: UI) -> int:
+    from .run import run_bisect
+
+    host, playbook = _load(args)
+    run_dir = args.run_dir or state_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{host.name}"
+    report = run_bisect(
+        repo=args.repo, good=args.good, bad=args.bad, host=host, playbook=playbook,
+        playbook_path=args.playbook, run_dir=run_dir, ui=ui,
+    )
+    return print_result(report, ui)
+
+
+def print_result(report, ui: UI) -> int:
+    out = UI(quiet=False).console
+    if report.status == "found":
+        out.print(f"[bold]first bad commit:[/] {report.culprit} {report.culprit_subject}", markup=True)
+    else:
+        ui.error(report.message)
+    ui.info(f"run directory: {report.run_dir}")
+    return 0 if report.status == "found" else 1
+
+
+def cmd_step(args, ui: UI) -> int:
+    from .search.gitbisect import resolve, subject
+    from .step import Lab, test_commit
+
+    host, playbook = _load(args)
+    repo = args.repo.resolve()
+    commit = resolve(repo, "HEAD")
+    evidence = args.evidence_dir or state_dir() / "steps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{commit[:12]}"
+    record = test_commit(
+        Lab(repo, host, playbook, ui), 1, commit, subject(repo, commit), evidence / "steps" / commit[:12]
+    )
+    ui.info(f"{commit[:12]}: {record.verdict.value} ({record.reason}); evidence in {evidence}")
+    return record.verdict.exit_code
+
+
+def cmd_check(args, ui: UI) -> int:
+    from .check import check_host
+
+    host, playbook = _load(args)
+    return 0 if check_host(host, playbook, ui) else 1
+
+
+def cmd_demo(args, ui: UI) -> int:
+    from .lab.demo import demo
+
+    base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    return demo(base, ui, commits=args.commits, seed=args.seed)
+
+
+COMMANDS = {"run": cmd_run, "step": cmd_step, "check": cmd_check, "demo": cmd_demo}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Boot stage for `kind: qemu`: a VM started by the host over SSH, direct kernel boot.
+
+`qemu_argv` is a pure function (tested without any host); `start_vm`/`stop_vm` are the only
+places that touch the VM, and they touch only the VM this tool started: its PID comes from our
+own pidfile and is checked against /proc/PID/cmdline before any signal is sent.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from dataclasses import dataclass
+
+from ..deadline import Deadline
+from ..remote.base import Remote
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    """Where the VM's files live on the host."""
+
+    dir: str
+
+    @classmethod
+    def under(cls, work_dir: str) -> "VMPaths":
+        return cls(posixpath.join(work_dir, "vm"))
+
+    @property
+    def pidfile(self) -> str:
+        return posixpath.join(self.dir, "qemu.pid")
+
+    @property
+    def console(self) -> str:
+        return posixpath.join(self.dir, "console.log")
+
+
+def accel_args(accel: str) -> list[str]:
+    if accel == "tcg":
+        return ["-accel", "tcg"]
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    # auto: KVM where it initialises, TCG otherwise. A paravirtual /dev/kvm that opens but
+    # cannot run a guest is not detected here; such hosts set `accel: tcg` explicitly.
+    return ["-accel", "kvm", "-accel", "tcg"]
+
+
+def qemu_argv(target, boot, *, kernel: str, initrd: str | None, paths: VMPaths) -> list[str]:
+    """The full QEMU command line: every word data, nothing for a shell to interpret."""
+    guest = target.guest
+    hostfwd = f"tcp:{guest.address}:{guest.port}-:22"
+    argv = [
+        target.qemu,
+        "-machine", target.machine,
+        *accel_args(target.accel),
+        "-m", str(boot.memory),
+        "-smp", str(boot.cpus),
+        "-nographic", "-no-reboot",
+        "-serial", f"file:{paths.console}",
+        "-monitor", "none",
+        "-kernel", kernel,
+    ]
+    if initrd:
+        argv += ["-initrd", initrd]
+    argv += ["-append", boot.cmdline]
+    if boot.root:
+        argv += ["-drive", f"file={boot.root},if=virtio,format=raw,snapshot=on"]
+    argv += [
+        "-netdev", f"user,id=n0,hostfwd={hostfwd}",
+        "-device", "virtio-net-pci,netdev=n0,romfile=",
+        "-device", "virtio-rng-pci",
+        *boot.qemu_args,
+        "-daemonize", "-pidfile", paths.pidfile,
+    ]
+    return argv
+
+
+# Stop the VM named by our pidfile, only if that PID is still a QEMU using that very pidfile.
+_STOP = r"""
+pidfile=$1; wait_s=$2
+[ -f "$pidfile" ] || exit 0
+pid=$(cat "$pidfile" 2>/dev/null) || exit 0
+case "$pid" in ''|*[!0-9]*) rm -f "$pidfile"; exit 0;; esac
+if ! tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pidfile"; then
+  rm -f "$pidfile"; exit 0
+fi
+kill -TERM "$pid" 2>/dev/null
+i=0
+while kill -0 "$pid" 2>/dev/null && [ "$i" -lt "$wait_s" ]; do sleep 0.1; i=$((i+1)); done
+kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+rm -f "$pidfile"
+echo "stopped $pid"
+"""
+
+
+def stop_vm(host: Remote, paths: VMPaths, deadline: Deadline) -> str:
+    """Stop the VM this tool started (if any). Returns what was done, for the log."""
+    res = host.run(
+        ["sh", "-c", _STOP, "sh", paths.pidfile, "50"], deadline=deadline.sub(30), check=True
+    )
+    return res.stdout.strip()
+
+
+def start_vm(host: Remote, argv: list[str], paths: VMPaths, deadline: Deadline):
+    """Start QEMU daemonized; returns the Result (non-zero exit: QEMU refused to start)."""
+    script = 'mkdir -p "$1" && rm -f "$2" && shift 2 && exec "$@"'
+    return host.run(
+        ["sh", "-c", script, "sh", paths.dir, paths.console, *argv], deadline=deadline.sub(60)
+    )
+
+
+def vm_alive(host: Remote, paths: VMPaths, deadline: Deadline) -> bool:
+    check = 'p=$(cat "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null'
+    return host.run(["sh", "-c", check, "sh", paths.pidfile], deadline=deadline.sub(15)).ok
+
+
+def describe(argv: list[str]) -> str:
+    return shlex.join(argv)

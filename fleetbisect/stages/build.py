@@ -1,0 +1,124 @@
+"""Build stage: run the playbook's build command in a tree, locally. Failure is a skip.
+
+The command is the playbook's own shell snippet (trusted config, like a Makefile); data such as
+the commit id reaches it only through the environment (LOCALVERSION), never pasted in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..deadline import Deadline
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    ok: bool
+    summary: str
+    log: Path
+    seconds: float
+    release: str | None = None  # the kernel release the build stamped, if the tree says
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def localversion(commit: str) -> str:
+    return f"-fb{commit[:12]}"
+
+
+def _run_logged(argv: list[str], cwd: Path, env: dict[str, str], log, deadline: Deadline) -> int | None:
+    """Run argv with output into `log`; kill its whole process group at the deadline.
+
+    Returns the exit status, or None when the deadline passed.
+    """
+    log.write(f"$ {' '.join(argv)}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        return proc.wait(timeout=deadline.remaining())
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return None
+    finally:
+        if proc.poll() is None:  # Ctrl-C or another exception while waiting
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def git(tree: Path, *args: str, check: bool = True, timeout: float = 300) -> str:
+    """Run git in `tree` (argv only) and return stdout; a failure is the user's problem here."""
+    proc = subprocess.run(
+        ["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise UserError(f"git {' '.join(args)} failed in {tree}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline) -> BuildResult:
+    """Apply cherry-picks, run the build command, collect artifacts, undo the cherry-picks."""
+    spec = playbook.build
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in spec.env.items()})
+    if spec.localversion:
+        env["LOCALVERSION"] = localversion(commit)
+    started = time.monotonic()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        try:
+            for pick in spec.cherry_picks:
+                status = _run_logged(
+                    ["git", "cherry-pick", "--no-commit", pick], tree, env, log, deadline
+                )
+                if status != 0:
+                    return BuildResult(
+                        False, f"cherry-pick {pick} does not apply", log_path,
+                        time.monotonic() - started,
+                    )
+            status = _run_logged(["bash", "-c", spec.command], tree, env, log, deadline)
+        finally:
+            if spec.cherry_picks:
+                git(tree, "reset", "--hard", "--quiet", commit)
+    seconds = time.monotonic() - started
+    if status is None:
+        return BuildResult(False, f"build timed out after {spec.timeout:.0f}s", log_path, seconds)
+    if status != 0:
+        return BuildResult(False, f"build failed (exit {status})", log_path, seconds)
+
+    artifacts: dict[str, Path] = {}
+    missing = []
+    for name, rel in playbook.artifacts.items():
+        path = tree / rel
+        (artifacts.__setitem__(name, path) if path.is_file() else missing.append(f"{name}={rel}"))
+    if missing:
+        return BuildResult(
+            False, "build produced no " + ", ".join(missing), log_path, seconds
+        )
+    release = None
+    if spec.release_file:
+        rf = tree / spec.release_file
+        if rf.is_file():
+            release = rf.read_text().strip() or None
+    return BuildResult(True, "built", log_path, seconds, release, artifacts)
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()

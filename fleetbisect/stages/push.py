@@ -1,0 +1,92 @@
+"""Push stage: artifacts to the host, content-addressed, nothing half-written.
+
+Each artifact lands at `<work_dir>/blobs/<sha256>`: uploaded to `staging/` under a unique name
+and renamed into place, so a blob that exists is complete, and an unchanged artifact (same
+hash) costs one `test -e` and no transfer at all.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..deadline import Deadline
+from ..remote.base import Remote
+from .build import sha256_file
+
+KEEP_BLOBS = 12  # most recently used blobs kept on the host; older ones are pruned
+
+
+@dataclass(frozen=True)
+class PushResult:
+    remote_paths: dict[str, str]  # artifact name -> path on the host
+    uploaded: dict[str, int]  # artifact name -> bytes sent (absent when unchanged)
+    seconds: float
+
+
+class HashCache:
+    """sha256 of local files, remembered by (path, size, mtime) so a step hashes only what changed."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._known:
+            self._known[key] = sha256_file(path)
+        return self._known[key]
+
+
+def push(
+    host: Remote,
+    work_dir: str,
+    artifacts: dict[str, Path],
+    deadline: Deadline,
+    hashes: HashCache | None = None,
+) -> PushResult:
+    started = time.monotonic()
+    hashes = hashes or HashCache()
+    blobs = posixpath.join(work_dir, "blobs")
+    staging = posixpath.join(work_dir, "staging")
+    digests = {name: hashes(path) for name, path in artifacts.items()}
+
+    # One round trip: make the dirs, report which blobs exist, and mark them used (mtime).
+    script = (
+        'mkdir -p "$1" "$2" && b=$1 && shift 2 && for h; do '
+        '[ -e "$b/$h" ] && touch "$b/$h" && echo "$h"; done; true'
+    )
+    present = set(
+        host.run(
+            ["sh", "-c", script, "sh", blobs, staging, *sorted(set(digests.values()))],
+            deadline=deadline.sub(60),
+            check=True,
+        ).stdout.split()
+    )
+    uploaded: dict[str, int] = {}
+    for name, path in artifacts.items():
+        digest = digests[name]
+        if digest in present:
+            continue
+        part = posixpath.join(staging, f"{digest}.{os.getpid()}.part")
+        stats = host.put(path, part, deadline=deadline)
+        host.run(["mv", "-f", part, posixpath.join(blobs, digest)], deadline=deadline.sub(60), check=True)
+        present.add(digest)
+        uploaded[name] = stats.bytes
+
+    # Prune old blobs so a long run cannot fill the host's disk; never the ones just used.
+    keep = sorted(set(digests.values()))
+    prune = (
+        f"cd {shlex.quote(blobs)} && ls -1t | tail -n +{KEEP_BLOBS + 1} | "
+        "while read -r f; do case \" $* \" in *\" $f \"*) ;; *) rm -f -- \"$f\";; esac; done"
+    )
+    host.run(["sh", "-c", prune, "sh", *keep], deadline=deadline.sub(60))
+    return PushResult(
+        {name: posixpath.join(blobs, digests[name]) for name in artifacts},
+        uploaded,
+        time.monotonic() - started,
+    )

@@ -1,0 +1,113 @@
+"""Ready stage: the guest answers SSH, and it runs the kernel we built.
+
+Readiness is polled fast (every 50 ms) with a cheap banner probe, because slirp accepts a TCP
+connection before the guest listens and a full SSH handshake started too early can stall for
+seconds; the full handshake starts only once the guest's sshd has said hello.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+from ..deadline import Deadline
+from ..remote.base import Remote, RemoteError
+from ..verdict import Outcome, OutcomeKind
+from .boot_qemu import VMPaths, vm_alive
+
+POLL = 0.05
+PROBE_TIMEOUT = 0.5
+
+
+class BootFailed(Exception):
+    """The guest never became reachable; `summary` says how it looked."""
+
+    def __init__(self, summary: str):
+        self.summary = summary
+        super().__init__(summary)
+
+
+@dataclass
+class GuestEndpoint:
+    """How to open a byte stream to the guest's sshd: directly or through the host."""
+
+    address: str
+    port: int
+    via_host: Remote | None = None  # an SSHRemote with open_tunnel(), when via: host
+
+    def open(self, timeout: float):
+        if self.via_host is not None:
+            return self.via_host.open_tunnel(self.address, self.port, Deadline.after(timeout))
+        return socket.create_connection((self.address, self.port), timeout=timeout)
+
+
+def probe_banner(endpoint: GuestEndpoint, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True when something at the endpoint sends an SSH banner within `timeout`."""
+    try:
+        stream = endpoint.open(timeout)
+    except Exception:  # noqa: BLE001 - whatever stops the stream opening means "not yet"
+        return False
+    try:
+        stream.settimeout(timeout)
+        data = b""
+        end = time.monotonic() + timeout
+        while b"\n" not in data and time.monotonic() < end:
+            chunk = stream.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        return data.startswith(b"SSH-")
+    except (OSError, socket.timeout, EOFError):
+        return False
+    finally:
+        stream.close()
+
+
+def wait_ready(
+    host: Remote,
+    paths: VMPaths,
+    endpoint: GuestEndpoint,
+    connect,  # callable(deadline) -> Remote: the real SSH login to the guest
+    deadline: Deadline,
+    alive_every: float = 1.0,
+) -> tuple[Remote, float]:
+    """Poll until the guest's sshd answers, then log in. Returns (guest, seconds waited).
+
+    Raises BootFailed when QEMU exits or the deadline passes first.
+    """
+    started = time.monotonic()
+    next_alive = started + alive_every
+    while True:
+        if probe_banner(endpoint):
+            try:
+                return connect(deadline), time.monotonic() - started
+            except RemoteError:
+                # sshd answered but the login failed: the guest may still be starting up.
+                pass
+        now = time.monotonic()
+        if deadline.expired:
+            raise BootFailed(f"guest did not answer SSH within {deadline.seconds:.0f}s")
+        if now >= next_alive:
+            next_alive = now + alive_every
+            if not vm_alive(host, paths, deadline.sub(15)):
+                raise BootFailed("QEMU exited before the guest answered SSH")
+        time.sleep(POLL)
+
+
+def verify_kernel(guest: Remote, command: str, expected: str | None, deadline: Deadline) -> Outcome | None:
+    """A WRONG_KERNEL outcome when the guest runs something else than the build; None if fine."""
+    res = guest.run(command, deadline=deadline)
+    running = res.stdout.strip()
+    if not res.ok:
+        return Outcome(
+            OutcomeKind.WRONG_KERNEL,
+            f"cannot tell which kernel runs: `{command}` exited {res.exit_status}",
+        )
+    if expected is not None and running != expected:
+        return Outcome(
+            OutcomeKind.WRONG_KERNEL,
+            f"guest runs {running!r}, the build is {expected!r}",
+            {"running": running, "expected": expected},
+        )
+    return None

@@ -1,0 +1,218 @@
+"""One step: a commit tested once end to end, as data flowing through the stages.
+
+    commit ─build─▶ artifacts ─push─▶ host ─boot─▶ VM ─ready─▶ guest ─reproduce─▶ outcomes ─▶ verdict
+
+Build happens once per step; push…reproduce is an *attempt*, repeated when an infrastructure
+fault hit it (bounded by the playbook's retries), and cleanup (stop the VM, fetch the console)
+always runs, on errors and on Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .deadline import Deadline
+from .errors import InfraError
+from .files import write_json_atomic
+from .remote.base import Remote, RemoteError
+from .remote.ssh import SSHRemote
+from .reproducers import ReproContext
+from .reproducers import run as run_reproducer
+from .stages import boot_qemu
+from .stages.build import BuildResult, build
+from .stages.push import HashCache, push
+from .stages.ready import BootFailed, GuestEndpoint, verify_kernel, wait_ready
+from .ui import UI
+from .verdict import Decision, Outcome, OutcomeKind, Verdict, decide
+
+log = logging.getLogger("fleetbisect.step")
+
+RETRY_PAUSE = 5.0  # seconds between attempts after an infrastructure fault
+
+
+@dataclass
+class StepRecord:
+    index: int
+    commit: str
+    subject: str
+    verdict: Verdict
+    reason: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    durations: dict[str, float] = field(default_factory=dict)
+    evidence: list[str] = field(default_factory=list)  # relative to the run directory
+    attempts: int = 0
+    release: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "commit": self.commit,
+            "subject": self.subject,
+            "verdict": self.verdict.value,
+            "reason": self.reason,
+            "outcomes": [o.to_json() for o in self.outcomes],
+            "durations": {k: round(v, 3) for k, v in self.durations.items()},
+            "evidence": self.evidence,
+            "attempts": self.attempts,
+            "release": self.release,
+        }
+
+
+@dataclass
+class Lab:
+    """What a step needs besides the commit: where it builds and which host it drives."""
+
+    tree: Path
+    host: object  # config.inventory.HostConfig
+    playbook: object  # config.playbook.Playbook
+    ui: UI
+    hashes: HashCache = field(default_factory=HashCache)
+
+
+class _Timer:
+    def __init__(self, durations: dict[str, float], ui: UI):
+        self.durations = durations
+        self.ui = ui
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.monotonic()
+                timer.ui.detail(f"stage {stage} started")
+
+            def __exit__(self, *exc):
+                took = time.monotonic() - self.t
+                timer.durations[stage] = timer.durations.get(stage, 0.0) + took
+                timer.ui.detail(f"stage {stage} took {took:.2f}s")
+
+        return _Stage()
+
+
+def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path) -> StepRecord:
+    """Build `commit` (already checked out in lab.tree) and test it; never raises for faults
+    that a verdict can express (skip, abort)."""
+    playbook = lab.playbook
+    step_dir.mkdir(parents=True, exist_ok=True)
+    durations: dict[str, float] = {}
+    timed = _Timer(durations, lab.ui)
+    rel = lambda name: str((step_dir / name).relative_to(step_dir.parent.parent))  # noqa: E731
+
+    lab.ui.info(f"building {commit[:12]}")
+    with timed("build"):
+        built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout))
+    evidence = [rel("build.log")]
+    if not built.ok:
+        outcome = Outcome(OutcomeKind.BUILD_FAILED, built.summary, {}, ("build.log",))
+        decision = decide([outcome], playbook.policy_map())
+        return _finish(step_dir, StepRecord(
+            index, commit, subject, decision.verdict, decision.reason, [outcome], durations,
+            evidence, 0, None,
+        ))
+
+    attempt = 0
+    while True:
+        attempt += 1
+        outcomes = _attempt(lab, built, step_dir, timed)
+        decision: Decision = decide(
+            outcomes, playbook.policy_map(), attempt=attempt, retries=playbook.policy.retries
+        )
+        if decision.verdict is not None:
+            break
+        lab.ui.warn(f"{commit[:12]}: {decision.reason}; trying again in {RETRY_PAUSE:.0f}s")
+        time.sleep(RETRY_PAUSE)
+    for name in ("console.log", "reproducer.log"):
+        if (step_dir / name).exists():
+            evidence.append(rel(name))
+    return _finish(step_dir, StepRecord(
+        index, commit, subject, decision.verdict, decision.reason, outcomes, durations,
+        evidence, attempt, built.release,
+    ))
+
+
+def _finish(step_dir: Path, record: StepRecord) -> StepRecord:
+    write_json_atomic(step_dir / "result.json", record.to_json())
+    return record
+
+
+def connect_host(host_cfg, deadline: Deadline) -> SSHRemote:
+    return SSHRemote.connect(host_cfg.ssh_params(), deadline=deadline)
+
+
+def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed) -> list[Outcome]:
+    """push → boot → ready → verify → reproduce, with cleanup always. Faults become outcomes."""
+    host_cfg, playbook = lab.host, lab.playbook
+    target = host_cfg.target
+    paths = boot_qemu.VMPaths.under(host_cfg.work_dir)
+    with ExitStack() as stack:
+        try:
+            host = connect_host(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
+        except RemoteError as e:
+            return [Outcome(OutcomeKind.INFRA_ERROR, f"cannot reach the host: {e}")]
+        stack.callback(host.close)
+        stack.callback(_cleanup, host, paths, step_dir, lab.ui, timed)
+        try:
+            with timed("boot"):
+                stopped = boot_qemu.stop_vm(host, paths, Deadline.after(60))
+                if stopped:
+                    lab.ui.detail(f"previous VM: {stopped}")
+            with timed("push"):
+                pushed = push(host, host_cfg.work_dir, built.artifacts, Deadline.after(playbook.push_timeout), lab.hashes)
+            sent = sum(pushed.uploaded.values())
+            lab.ui.detail(f"pushed {sent} bytes ({', '.join(pushed.uploaded) or 'nothing changed'})")
+            with timed("boot"):
+                argv = boot_qemu.qemu_argv(
+                    target, playbook.boot,
+                    kernel=pushed.remote_paths["kernel"],
+                    initrd=pushed.remote_paths.get("initrd"),
+                    paths=paths,
+                )
+                (step_dir / "commands.txt").write_text(boot_qemu.describe(argv) + "\n")
+                started = boot_qemu.start_vm(host, argv, paths, Deadline.after(60))
+            if not started.ok:
+                return [Outcome(
+                    OutcomeKind.INFRA_ERROR,
+                    f"QEMU did not start (exit {started.exit_status}): {started.stderr.strip()[-300:]}",
+                )]
+            with timed("ready"):
+                endpoint = GuestEndpoint(
+                    target.guest.address, target.guest.port,
+                    host if target.guest.via == "host" else None,
+                )
+                guest_params = target.guest_ssh_params(host_cfg.name)
+
+                def login(deadline: Deadline) -> Remote:
+                    sock = endpoint.open(deadline.remaining()) if endpoint.via_host else None
+                    return SSHRemote.connect(guest_params, deadline=deadline, sock=sock)
+
+                try:
+                    guest, waited = wait_ready(host, paths, endpoint, login, Deadline.after(playbook.boot.timeout))
+                except BootFailed as e:
+                    return [Outcome(OutcomeKind.BOOT_FAILED, e.summary, {}, ("console.log",))]
+                stack.callback(guest.close)
+                wrong = verify_kernel(guest, playbook.verify.command, built.release, Deadline.after(30))
+                if wrong:
+                    return [wrong]
+            with timed("reproduce"):
+                ctx = ReproContext(guest, host, step_dir, lab.ui.detail)
+                return run_reproducer(playbook.reproducer, ctx)
+        except InfraError as e:
+            return [Outcome(OutcomeKind.INFRA_ERROR, str(e))]
+
+
+def _cleanup(host: Remote, paths, step_dir: Path, ui: UI, timed) -> None:
+    """Stop the VM and fetch its console. Runs on every exit path; never raises."""
+    with timed("cleanup"):
+        try:
+            boot_qemu.stop_vm(host, paths, Deadline.after(60))
+        except Exception as e:  # noqa: BLE001 - cleanup reports, it does not mask the real error
+            ui.warn(f"could not stop the VM: {e}")
+        try:
+            host.get(paths.console, step_dir / "console.log", deadline=Deadline.after(60))
+        except Exception as e:  # noqa: BLE001
+            ui.detail(f"no console log: {e}")
