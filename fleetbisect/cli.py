@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"fleetbisect {__version__}")
     ap.add_argument("-q", "--quiet", action="store_true", help="only the result and errors")
+    ap.add_argument("--json", action="store_true", help="machine-readable events on stdout")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="bisect a range end to end and report the first bad commit")
@@ -54,6 +55,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--good", required=True, help="a commit known to be good")
     p.add_argument("--bad", required=True, help="a commit known to be bad")
     p.add_argument("--run-dir", type=Path, help="where the run's evidence and report go")
+
+    p = sub.add_parser("resume", help="continue a run whose controller died or was interrupted")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+    p = sub.add_parser("report", help="print the summary of a run, finished or not")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+    p = sub.add_parser("status", help="where a running or stopped run is")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
     p = sub.add_parser("step", help="test HEAD once; exit 0 good, 1 bad, 125 skip, 128 abort "
                        "(for `git bisect run`)")
@@ -73,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    ui = UI(quiet=args.quiet)
+    ui = UI(quiet=args.quiet, json_events=args.json)
     abort_code = STEP_ABORT if args.command == "step" else None
     try:
         return COMMANDS[args.command](args, ui)
@@ -116,21 +126,33 @@ def _load(args):
 
 
 def cmd_run(args, ui: UI) -> int:
-    from .run import run_bisect
+    from .run import start_run
 
     host, playbook = _load(args)
     run_dir = args.run_dir or state_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{host.name}"
-    report = run_bisect(
-        repo=args.repo, good=args.good, bad=args.bad, host=host, playbook=playbook,
-        playbook_path=args.playbook, run_dir=run_dir, ui=ui,
-    )
+    with ui.live():
+        report = start_run(
+            repo=args.repo, good=args.good, bad=args.bad, host=host,
+            inventory=args.inventory or default_inventory(), playbook=playbook,
+            playbook_path=args.playbook, run_dir=run_dir, ui=ui,
+        )
+    return print_result(report, ui)
+
+
+def cmd_resume(args, ui: UI) -> int:
+    from .run import resume_run
+
+    with ui.live():
+        report = resume_run(args.run_dir, ui)
     return print_result(report, ui)
 
 
 def print_result(report, ui: UI) -> int:
-    out = UI(quiet=False).console
-    if report.status == "found":
-        out.print(f"[bold]first bad commit:[/] {report.culprit} {report.culprit_subject}", markup=True)
+    """The answer goes to stdout (for scripts), everything else to stderr."""
+    if ui.json_events:
+        pass  # the run-finished event already said it
+    elif report.status == "found":
+        print(f"first bad commit: {report.culprit} {report.culprit_subject}")
     else:
         ui.error(report.message)
     ui.info(f"run directory: {report.run_dir}")
@@ -166,7 +188,23 @@ def cmd_demo(args, ui: UI) -> int:
     return demo(base, ui, commits=args.commits, seed=args.seed)
 
 
-COMMANDS = {"run": cmd_run, "step": cmd_step, "check": cmd_check, "demo": cmd_demo}
+def cmd_report(args, ui: UI) -> int:
+    from rich.console import Console
+
+    from .report import show
+
+    show(args.run_dir, Console())
+    return 0
+
+
+def cmd_status(args, ui: UI) -> int:
+    from .report import status
+
+    print(status(args.run_dir))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "status": cmd_status, "step": cmd_step, "check": cmd_check, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

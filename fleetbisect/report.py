@@ -6,7 +6,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import write_json_atomic
+from rich.markup import escape
+
+from .files import write_atomic, write_json_atomic
 from .step import StepRecord
 
 REPORT_VERSION = 1
@@ -50,5 +52,111 @@ class Report:
         }
 
     def write(self) -> Path:
-        return write_json_atomic(self.run_dir / "report.json", self.to_json())
+        """report.json and report.md, rewritten after every step."""
+        data = self.to_json()
+        log = self.run_dir / "bisect.log"
+        data_md = dict(data, bisect_log_text=log.read_text() if log.exists() else "")
+        write_atomic(self.run_dir / "report.md", render_markdown(data_md))
+        return write_json_atomic(self.run_dir / "report.json", data)
 
+
+
+def render_markdown(data: dict) -> str:
+    """report.md: for a bug report or a mailing-list post."""
+    out = [f"# fleetbisect run on {data['host']}", ""]
+    if data["status"] == "found":
+        out += [f"**First bad commit:** `{data['culprit']}` {data.get('culprit_subject') or ''}", ""]
+    else:
+        out += [f"**Status:** {data['status']}: {data['message']}", ""]
+    out += [
+        f"- repository: `{data['repo']}`",
+        f"- range: good `{data['good'][:12]}`, bad `{data['bad'][:12]}`",
+        f"- playbook: `{data['playbook']}` (digest `{data['playbook_digest'][:12]}`)",
+        f"- started {data['started']}, {data['elapsed']:.0f}s, {len(data['steps'])} steps",
+        "",
+        "| # | commit | verdict | why | " + " | ".join(STAGES) + " | evidence |",
+        "|---|---|---|---|" + "---|" * len(STAGES) + "---|",
+    ]
+    for s in data["steps"]:
+        durs = " | ".join(f"{s['durations'][k]:.1f}s" if k in s["durations"] else "" for k in STAGES)
+        ev = " ".join(f"[{Path(e).name}]({e})" for e in s["evidence"])
+        reason = s["reason"].replace("|", "\\|")
+        out.append(f"| {s['index']} | `{s['commit'][:12]}` {s['subject']} | {s['verdict']} | {reason} | {durs} | {ev} |")
+    out += ["", "## git bisect log", "", "```", data.get("bisect_log_text", "").rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+STAGES = ("build", "push", "boot", "ready", "reproduce", "cleanup")
+
+
+def load(run_dir: Path) -> dict:
+    import json
+
+    from .errors import UserError
+
+    path = run_dir / "report.json"
+    if not path.exists():
+        raise UserError(f"{run_dir} is not a fleetbisect run directory (no report.json)")
+    return json.loads(path.read_text())
+
+
+def show(run_dir: Path, console) -> None:
+    """`fleetbisect report RUN_DIR`: the summary of any run, finished or not."""
+    from rich.table import Table
+
+    data = load(run_dir)
+    if data["status"] == "found":
+        console.print(f"[bold]first bad commit:[/] {data['culprit']} {escape(data.get('culprit_subject') or '')}")
+    else:
+        console.print(f"[bold]{data['status']}[/]: {escape(data['message'] or '')}")
+    console.print(
+        f"{data['repo']}  good {data['good'][:12]}  bad {data['bad'][:12]}  on {data['host']}  "
+        f"{len(data['steps'])} steps in {data['elapsed']:.0f}s"
+    )
+    table = Table(show_header=True, header_style="bold")
+    for col in ("#", "commit", "verdict", "why", *STAGES):
+        table.add_column(col)
+    for s in data["steps"]:
+        table.add_row(
+            str(s["index"]), f"{s['commit'][:12]} {escape(s['subject'][:40])}", s["verdict"],
+            escape(s["reason"][:60]),
+            *(f"{s['durations'][k]:.1f}" if k in s["durations"] else "" for k in STAGES),
+        )
+    console.print(table)
+    console.print(f"report: {run_dir / 'report.md'}")
+
+
+def status(run_dir: Path) -> str:
+    """`fleetbisect status RUN_DIR`: where a running or stopped run is, from its journal."""
+    import os
+    import socket
+
+    from .journal import read, replay
+
+    events, note = read(run_dir)
+    state = replay(events)
+    last = events[-1] if events else {}
+    controller = next((e.get("controller") for e in reversed(events) if e.get("controller")), {})
+    alive = False
+    if controller.get("host") == socket.gethostname() and controller.get("pid"):
+        try:
+            os.kill(controller["pid"], 0)
+            alive = True
+        except OSError:
+            alive = False
+    lines = [f"run {state.config.get('run_id', '?')} on {state.config.get('host', '?')}: "
+             f"{len(state.steps)} steps done, {len(state.marks)} marks"]
+    if state.finished:
+        lines.append(f"finished: {state.finished.get('status')}: {state.finished.get('message', '')}")
+    else:
+        where = "running" if alive else "stopped (controller not running)"
+        lines.append(f"{where}; last event {last.get('event')} at "
+                     + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0))))
+        if state.interrupted_step:
+            lines.append(f"step {state.interrupted_step['index']} ({state.interrupted_step['commit'][:12]}) "
+                         "was started and not finished" + ("" if alive else ": resume tests it again"))
+        if not alive:
+            lines.append(f"continue with: fleetbisect resume {run_dir}")
+    if note:
+        lines.append(note)
+    return "\n".join(lines)

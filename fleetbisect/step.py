@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class StepRecord:
     evidence: list[str] = field(default_factory=list)  # relative to the run directory
     attempts: int = 0
     release: str | None = None
+    pushed: dict[str, int] = field(default_factory=dict)  # artifact -> bytes sent (last attempt)
 
     def to_json(self) -> dict:
         return {
@@ -59,7 +60,16 @@ class StepRecord:
             "evidence": self.evidence,
             "attempts": self.attempts,
             "release": self.release,
+            "pushed": self.pushed,
         }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StepRecord":
+        return cls(
+            d["index"], d["commit"], d["subject"], Verdict(d["verdict"]), d["reason"],
+            [Outcome.from_json(o) for o in d["outcomes"]], dict(d["durations"]),
+            list(d["evidence"]), d["attempts"], d.get("release"), dict(d.get("pushed", {})),
+        )
 
 
 @dataclass
@@ -74,24 +84,22 @@ class Lab:
 
 
 class _Timer:
+    """`with timed("boot", budget):` adds the stage's time to `durations` and tells the UI."""
+
     def __init__(self, durations: dict[str, float], ui: UI):
         self.durations = durations
         self.ui = ui
 
-    def __call__(self, stage: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.monotonic()
-                timer.ui.detail(f"stage {stage} started")
-
-            def __exit__(self, *exc):
-                took = time.monotonic() - self.t
-                timer.durations[stage] = timer.durations.get(stage, 0.0) + took
-                timer.ui.detail(f"stage {stage} took {took:.2f}s")
-
-        return _Stage()
+    @contextmanager
+    def __call__(self, stage: str, budget: float | None = None):
+        t = time.monotonic()
+        self.ui.event("stage-started", stage=stage, budget=budget)
+        try:
+            yield
+        finally:
+            took = time.monotonic() - t
+            self.durations[stage] = self.durations.get(stage, 0.0) + took
+            self.ui.event("stage-finished", stage=stage, seconds=round(took, 3))
 
 
 def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path) -> StepRecord:
@@ -104,7 +112,7 @@ def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path)
     rel = lambda name: str((step_dir / name).relative_to(step_dir.parent.parent))  # noqa: E731
 
     lab.ui.info(f"building {commit[:12]}")
-    with timed("build"):
+    with timed("build", playbook.build.timeout):
         built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout))
     evidence = [rel("build.log")]
     if not built.ok:
@@ -118,7 +126,8 @@ def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path)
     attempt = 0
     while True:
         attempt += 1
-        outcomes = _attempt(lab, built, step_dir, timed)
+        pushed: dict[str, int] = {}
+        outcomes = _attempt(lab, built, step_dir, timed, pushed)
         decision: Decision = decide(
             outcomes, playbook.policy_map(), attempt=attempt, retries=playbook.policy.retries
         )
@@ -131,7 +140,7 @@ def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path)
             evidence.append(rel(name))
     return _finish(step_dir, StepRecord(
         index, commit, subject, decision.verdict, decision.reason, outcomes, durations,
-        evidence, attempt, built.release,
+        evidence, attempt, built.release, pushed,
     ))
 
 
@@ -144,8 +153,10 @@ def connect_host(host_cfg, deadline: Deadline) -> SSHRemote:
     return SSHRemote.connect(host_cfg.ssh_params(), deadline=deadline)
 
 
-def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed) -> list[Outcome]:
-    """push → boot → ready → verify → reproduce, with cleanup always. Faults become outcomes."""
+def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[str, int]) -> list[Outcome]:
+    """push → boot → ready → verify → reproduce, with cleanup always. Faults become outcomes.
+
+    `pushed` receives the bytes sent per artifact (nothing for an unchanged one)."""
     host_cfg, playbook = lab.host, lab.playbook
     target = host_cfg.target
     paths = boot_qemu.VMPaths.under(host_cfg.work_dir)
@@ -161,15 +172,15 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed) -> list[Outcom
                 stopped = boot_qemu.stop_vm(host, paths, Deadline.after(60))
                 if stopped:
                     lab.ui.detail(f"previous VM: {stopped}")
-            with timed("push"):
-                pushed = push(host, host_cfg.work_dir, built.artifacts, Deadline.after(playbook.push_timeout), lab.hashes)
-            sent = sum(pushed.uploaded.values())
-            lab.ui.detail(f"pushed {sent} bytes ({', '.join(pushed.uploaded) or 'nothing changed'})")
+            with timed("push", playbook.push_timeout):
+                result = push(host, host_cfg.work_dir, built.artifacts, Deadline.after(playbook.push_timeout), lab.hashes)
+            pushed.update(result.uploaded)
+            lab.ui.detail(f"pushed {sum(result.uploaded.values())} bytes ({', '.join(result.uploaded) or 'nothing changed'})")
             with timed("boot"):
                 argv = boot_qemu.qemu_argv(
                     target, playbook.boot,
-                    kernel=pushed.remote_paths["kernel"],
-                    initrd=pushed.remote_paths.get("initrd"),
+                    kernel=result.remote_paths["kernel"],
+                    initrd=result.remote_paths.get("initrd"),
                     paths=paths,
                 )
                 (step_dir / "commands.txt").write_text(boot_qemu.describe(argv) + "\n")
@@ -179,7 +190,7 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed) -> list[Outcom
                     OutcomeKind.INFRA_ERROR,
                     f"QEMU did not start (exit {started.exit_status}): {started.stderr.strip()[-300:]}",
                 )]
-            with timed("ready"):
+            with timed("ready", playbook.boot.timeout):
                 endpoint = GuestEndpoint(
                     target.guest.address, target.guest.port,
                     host if target.guest.via == "host" else None,

@@ -1,37 +1,107 @@
-"""The one rich Console, and the run's log.
+"""The one rich Console, the live view, the heartbeat and the run's log.
 
-On a terminal, messages are coloured; elsewhere (nohup, CI) they are plain timestamped lines.
-Everything also goes to the `fleetbisect` logger, which a run directs to a debug-level file.
+- On a terminal: a live panel (range, steps done and left, current stage with elapsed time and
+  deadline, ETA, verdicts so far) above the scrolling messages.
+- Not on a terminal (nohup, systemd, CI): plain timestamped lines, and a heartbeat line at
+  least once a minute so a watcher can tell a long stage from a dead controller.
+- `--json`: one JSON event per line on stdout, for other tools; messages stay on stderr.
+- Always: everything at debug level to the run directory's `run.log`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from contextlib import contextmanager
+import math
+import sys
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 log = logging.getLogger("fleetbisect")
 
+HEARTBEAT = 60.0
+
+
+@dataclass
+class Progress:
+    """What the live view and the heartbeat show; updated by the run as it goes."""
+
+    host: str = ""
+    commits: int = 0
+    left: int = 0  # commits git still chooses between
+    step: int = 0
+    commit: str = ""
+    stage: str = ""
+    stage_started: float = 0.0
+    stage_budget: float | None = None
+    step_started: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    verdicts: list[tuple[str, str]] = field(default_factory=list)  # (sha12, verdict)
+
+    @property
+    def steps_left(self) -> int:
+        return math.ceil(math.log2(self.left)) if self.left > 1 else (1 if self.left == 1 else 0)
+
+    def eta(self) -> float | None:
+        if not self.step_seconds:
+            return None
+        return sum(self.step_seconds) / len(self.step_seconds) * self.steps_left
+
+    def line(self) -> str:
+        now = time.monotonic()
+        parts = [f"step {self.step} {self.commit[:12]}"]
+        if self.stage:
+            budget = f"/{self.stage_budget:.0f}s" if self.stage_budget else ""
+            parts.append(f"{self.stage} {now - self.stage_started:.0f}s{budget}")
+        parts.append(f"~{self.steps_left} steps left")
+        eta = self.eta()
+        if eta is not None:
+            parts.append(f"ETA {fmt_duration(eta)}")
+        return ", ".join(parts)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
 
 class UI:
-    def __init__(self, console: Console | None = None, quiet: bool = False):
+    def __init__(self, console: Console | None = None, quiet: bool = False, json_events: bool = False):
         self.console = console or Console(stderr=True, highlight=False)
         self.quiet = quiet
+        self.json_events = json_events
         self.plain = not self.console.is_terminal
+        self.progress = Progress()
+        self._lock = threading.Lock()
+        self._live: Live | None = None
+        self._beat: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- messages ------------------------------------------------------------------------
 
     def _emit(self, style: str, text: str) -> None:
         if self.quiet:
             return
-        if self.plain:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self.console.print(f"{stamp} {text}", markup=False, highlight=False, soft_wrap=True)
-        else:
-            self.console.print(f"[{style}]{escape(text)}[/]" if style else escape(text), soft_wrap=True)
+        with self._lock:
+            if self.plain:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+                self.console.print(f"{stamp} {text}", markup=False, highlight=False, soft_wrap=True)
+            else:
+                self.console.print(f"[{style}]{escape(text)}[/]" if style else escape(text), soft_wrap=True)
 
     def info(self, text: str) -> None:
         log.info(text)
@@ -55,6 +125,78 @@ class UI:
 
     def detail(self, text: str) -> None:
         log.debug(text)
+
+    # --- events --------------------------------------------------------------------------
+
+    def event(self, kind: str, **data) -> None:
+        """A machine-readable event: logged, and printed on stdout with --json."""
+        log.debug("event %s %s", kind, data)
+        if self.json_events:
+            line = json.dumps({"time": round(time.time(), 3), "event": kind, **data}, default=str)
+            with self._lock:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        p = self.progress
+        if kind == "run-started":
+            p.host, p.commits, p.left = data["host"], data["commits"], data["commits"]
+        elif kind == "step-started":
+            p.step, p.commit, p.stage, p.left = data["index"], data["commit"], "", data.get("left", p.left)
+            p.step_started = time.monotonic()
+        elif kind == "stage-started":
+            p.stage, p.stage_started, p.stage_budget = data["stage"], time.monotonic(), data.get("budget")
+        elif kind == "step-finished":
+            p.step_seconds.append(time.monotonic() - p.step_started)
+            p.verdicts.append((data["commit"][:12], data["verdict"]))
+            p.stage = ""
+        self._refresh()
+
+    # --- live view and heartbeat -----------------------------------------------------------
+
+    @contextmanager
+    def live(self) -> Iterator[None]:
+        """The live view on a terminal, the heartbeat elsewhere, for the length of a run."""
+        if self.quiet:
+            yield
+            return
+        self._stop.clear()
+        if not self.plain:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=2,
+                              get_renderable=self._render, transient=False)
+            self._live.start()
+        else:
+            self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+            self._beat.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            if self._live:
+                self._live.stop()
+                self._live = None
+            if self._beat:
+                self._beat.join(timeout=2)
+                self._beat = None
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            if self.progress.step:
+                self._emit("", f"heartbeat: {self.progress.line()}")
+
+    def _refresh(self) -> None:
+        if self._live:
+            self._live.refresh()
+
+    def _render(self):
+        p = self.progress
+        table = Table.grid(padding=(0, 2))
+        table.add_row(Text("host", style="dim"), p.host)
+        table.add_row(Text("range", style="dim"), f"{p.commits} commits, ~{p.steps_left} steps left")
+        if p.step:
+            table.add_row(Text("now", style="dim"), p.line())
+        if p.verdicts:
+            shown = "  ".join(f"{c} {v}" for c, v in p.verdicts[-8:])
+            table.add_row(Text("verdicts", style="dim"), shown)
+        return Group(Text("fleetbisect", style="bold"), table)
 
 
 @contextmanager

@@ -53,6 +53,10 @@ class Outcome:
             "evidence": list(self.evidence),
         }
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Outcome":
+        return cls(OutcomeKind(d["kind"]), d["summary"], d.get("details", {}), tuple(d.get("evidence", ())))
+
 
 DEFAULT_POLICY: Mapping[OutcomeKind, str] = {
     OutcomeKind.PASS: "good",

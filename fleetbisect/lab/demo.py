@@ -16,7 +16,7 @@ import yaml
 
 from ..config.inventory import load_inventory
 from ..config.playbook import load_playbook
-from ..run import run_bisect
+from ..run import start_run
 from ..ui import UI
 
 PLAYBOOKS = Path(__file__).parent / "playbooks"
@@ -71,7 +71,7 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None) -> 
 
     base = base.resolve()
     seed = seed if seed is not None else random.randrange(1 << 30)
-    ui.step(f"lab: preparing the guest kernel and initramfs (cached after the first time)")
+    ui.step("lab: preparing the guest kernel and initramfs (cached after the first time)")
     assets = ensure_assets()
     ui.step(f"lab: generating a kernel repo of {commits} commits (seed {seed})")
     repo = generate_repo(base / "linux", assets, commits=commits, seed=seed)
@@ -81,9 +81,9 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None) -> 
         playbook_path = lab_playbook("net-hang")
         host_cfg = load_inventory([inventory]).host("lab-host")
         playbook = load_playbook(playbook_path)
-        report = run_bisect(
-            repo=repo.path, good=repo.good, bad=repo.bad, host=host_cfg, playbook=playbook,
-            playbook_path=playbook_path, run_dir=base / "run", ui=ui,
+        report = start_run(
+            repo=repo.path, good=repo.good, bad=repo.bad, host=host_cfg, inventory=[inventory],
+            playbook=playbook, playbook_path=playbook_path, run_dir=base / "run", ui=ui,
         )
     seeded = repo.culprit
     if report.culprit == seeded:

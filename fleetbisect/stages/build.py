@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..deadline import Deadline
-from ..errors import UserError
+from ..localexec import run_logged
+from ..search.gitbisect import git
 
 
 @dataclass(frozen=True)
@@ -32,43 +31,6 @@ def localversion(commit: str) -> str:
     return f"-fb{commit[:12]}"
 
 
-def _run_logged(argv: list[str], cwd: Path, env: dict[str, str], log, deadline: Deadline) -> int | None:
-    """Run argv with output into `log`; kill its whole process group at the deadline.
-
-    Returns the exit status, or None when the deadline passed.
-    """
-    log.write(f"$ {' '.join(argv)}\n".encode())
-    log.flush()
-    proc = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        return proc.wait(timeout=deadline.remaining())
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        return None
-    finally:
-        if proc.poll() is None:  # Ctrl-C or another exception while waiting
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def git(tree: Path, *args: str, check: bool = True, timeout: float = 300) -> str:
-    """Run git in `tree` (argv only) and return stdout; a failure is the user's problem here."""
-    proc = subprocess.run(
-        ["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise UserError(f"git {' '.join(args)} failed in {tree}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
 def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline) -> BuildResult:
     """Apply cherry-picks, run the build command, collect artifacts, undo the cherry-picks."""
     spec = playbook.build
@@ -81,7 +43,7 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
     with open(log_path, "wb") as log:
         try:
             for pick in spec.cherry_picks:
-                status = _run_logged(
+                status = run_logged(
                     ["git", "cherry-pick", "--no-commit", pick], tree, env, log, deadline
                 )
                 if status != 0:
@@ -89,7 +51,7 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
                         False, f"cherry-pick {pick} does not apply", log_path,
                         time.monotonic() - started,
                     )
-            status = _run_logged(["bash", "-c", spec.command], tree, env, log, deadline)
+            status = run_logged(["bash", "-c", spec.command], tree, env, log, deadline)
         finally:
             if spec.cherry_picks:
                 git(tree, "reset", "--hard", "--quiet", commit)
@@ -113,6 +75,14 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
         rf = tree / spec.release_file
         if rf.is_file():
             release = rf.read_text().strip() or None
+    if spec.localversion and (release is None or not release.endswith(localversion(commit))):
+        # The build did not stamp this commit into the kernel: it may have left a stale one.
+        return BuildResult(
+            False,
+            f"build did not stamp {localversion(commit)} into the kernel release "
+            f"({spec.release_file}: {release!r}); stale artifacts?",
+            log_path, seconds,
+        )
     return BuildResult(True, "built", log_path, seconds, release, artifacts)
 
 
