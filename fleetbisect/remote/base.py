@@ -15,7 +15,6 @@ from typing import BinaryIO, Callable, Protocol, Sequence
 from ..deadline import Deadline
 from ..errors import InfraError, UserError
 
-
 # --- errors --------------------------------------------------------------------------------
 
 

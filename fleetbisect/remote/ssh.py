@@ -1,0 +1,677 @@
+"""The SSH transport: paramiko underneath, deadlines on every blocking step, host keys checked.
+
+    with SSHRemote.connect(params, deadline=Deadline.after(15)) as host:
+        host.run(["uname", "-r"], deadline=Deadline.after(10), check=True)
+        host.put(Path("bzImage"), "/srv/fb/staging/k.part", deadline=Deadline.after(300))
+
+How the deadlines hold (paramiko has traps, see DESIGN.md):
+- connect: the TCP connect, banner, key exchange and each auth attempt get what is left.
+- every channel operation runs with the channel timeout set to what is left, so waiting for
+  output, window space or an SFTP reply ends at the deadline; remote commands are wrapped in
+  `timeout -k` (base.bounded) so the remote side stops too.
+- a watchdog per call cuts the whole connection if the call is still blocked past its deadline
+  (GRACE seconds later for commands, at once for transfers): a write into a stalled TCP
+  connection blocks inside paramiko, where no channel timeout reaches. A cut, or a transfer
+  that timed out, marks the connection broken: the next call reconnects (connections this
+  class opened itself) or raises RemoteError (ones over a handed-in `sock`, e.g. a tunnel).
+- `transport.is_active()` stays true after a peer vanished without a RST, so it is never
+  trusted as "alive"; keepalives plus deadlines are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+import paramiko
+from paramiko.hostkeys import HostKeyEntry, HostKeys
+
+from ..deadline import Deadline
+from .base import (
+    CommandTimedOut,
+    ConnectFailed,
+    HostKeyError,
+    Progress,
+    RemoteCommandFailed,
+    RemoteError,
+    Result,
+    SSHParams,
+    TransferStats,
+    TransferTimedOut,
+    bounded,
+    command_string,
+)
+from .local import OutputTail
+
+log = logging.getLogger("fleetbisect.remote")
+
+SFTP_REQUEST = 255 * 1024  # OpenSSH's sftp-server takes messages up to 256 KiB
+WRITE_CHUNK = 1 << 20  # bytes handed to the SFTP file per write
+READ_CHUNK = 1 << 20
+GRACE = 1.0  # how long a command may stay blocked past its deadline before the connection is cut
+# (transfers get no grace: a transfer past its deadline has failed, and its connection is cut)
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
+
+
+# --- resolving params ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and as whom to connect, after ssh_config and defaults were applied."""
+
+    host: str
+    port: int
+    user: str
+    key_files: tuple[str, ...]
+    known_hosts: tuple[str, ...]
+    use_agent: bool = field(default=True)
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name OpenSSH files the host key under: `[host]:port` unless the port is 22."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+def resolve(params: SSHParams, ssh_config_path: str | None = None) -> Endpoint:
+    """Apply the user's ssh_config for `params.alias` (through fabric); explicit params win."""
+    host, port, user = params.host, params.port, params.user
+    keys = tuple(params.key_files)
+    known = tuple(params.known_hosts)
+    if params.alias:
+        from fabric import Config, Connection
+
+        config = Config(runtime_ssh_path=ssh_config_path) if ssh_config_path else Config()
+        conn = Connection(params.alias, config=config)
+        host = host or conn.host
+        port = port or conn.port
+        user = user or conn.user
+        if not keys:
+            keys = tuple(os.path.expanduser(k) for k in conn.ssh_config.get("identityfile", []))
+        if not known and conn.ssh_config.get("userknownhostsfile"):
+            known = tuple(conn.ssh_config["userknownhostsfile"].split())
+    if not host:
+        raise ConnectFailed(params.name, "no address: set the host's address or an ssh alias")
+    if not user:
+        import pwd
+
+        user = pwd.getpwuid(os.getuid()).pw_name
+    known = tuple(os.path.expanduser(k) for k in (known or DEFAULT_KNOWN_HOSTS))
+    return Endpoint(host, int(port or 22), user, keys, known, use_agent=not params.key_files)
+
+
+# --- host keys ----------------------------------------------------------------------------
+
+
+def _describe(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.fingerprint}"
+
+
+def _expected_keys(params: SSHParams, ep: Endpoint) -> tuple[list[tuple[str, paramiko.PKey]], str]:
+    """[(source, key)] known for this endpoint, and where the user would fix it."""
+    name = ep.known_hosts_name
+    found: list[tuple[str, paramiko.PKey]] = []
+    if params.host_keys:
+        for line in params.host_keys:
+            text = line.strip()
+            if text and not text.startswith(("ssh-", "ecdsa-", "sk-")) and Path(text).is_file():
+                text = Path(text).read_text().strip()  # a path to a .pub file
+            try:
+                entry = HostKeyEntry.from_line(f"{name} {text}")
+            except Exception as e:  # noqa: BLE001 - a malformed line is the user's to fix
+                raise HostKeyError(params.name, f"cannot parse the configured host key {text[:40]!r}: {e}")
+            if entry is None:
+                raise HostKeyError(params.name, f"cannot parse the configured host key {text[:40]!r}")
+            found.append(("the configured host key", entry.key))
+        return found, "the host key configured for it (host_keys)"
+    for path in ep.known_hosts:
+        if not os.path.exists(path):
+            continue  # a missing file is an empty one
+        keys = HostKeys()
+        try:
+            keys.load(path)
+        except (OSError, paramiko.SSHException, ValueError) as e:
+            raise HostKeyError(params.name, f"cannot read known_hosts file {path}: {e}")
+        for key in (keys.lookup(name) or {}).values():
+            found.append((path, key))
+    return found, ep.known_hosts[0]
+
+
+def check_host_key(params: SSHParams, ep: Endpoint, offered: paramiko.PKey,
+                   expected: list[tuple[str, paramiko.PKey]], fix: str) -> None:
+    """Raise HostKeyError unless `offered` is one of the expected keys."""
+    if any(key == offered for _, key in expected):
+        return
+    name = ep.known_hosts_name
+    same_type = [src for src, key in expected if key.get_name() == offered.get_name()]
+    if same_type:
+        where = same_type[0]
+        hint = (
+            f"if the host was really reinstalled, remove the old entry "
+            f"(ssh-keygen -R '{name}' -f {where})"
+            if where != "the configured host key" else "update the configured host key"
+        )
+        raise HostKeyError(
+            params.name,
+            f"HOST KEY MISMATCH for {name}: it offered {_describe(offered)}, which differs from "
+            f"the key in {where}; refusing to connect ({hint})",
+        )
+    raise HostKeyError(
+        params.name,
+        f"unknown host key for {name}: it offered {_describe(offered)}; after checking that "
+        f"fingerprint, add it to {fix} (e.g. ssh-keyscan -p {ep.port} {ep.host} >> {fix})",
+    )
+
+
+# --- the remote ---------------------------------------------------------------------------
+
+
+class SSHRemote:
+    """A Remote over one SSH connection (see the module docstring for the deadline rules)."""
+
+    def __init__(self, params: SSHParams, endpoint: Endpoint, transport: paramiko.Transport,
+                 own_socket: bool):
+        self.name = params.name
+        self.params = params
+        self.endpoint = endpoint
+        self._transport: paramiko.Transport | None = transport
+        self._own_socket = own_socket
+        self._broken: str | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._no_sftp = False
+        self._lock = threading.RLock()
+
+    # connecting --------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, params: SSHParams, *, deadline: Deadline, sock=None) -> "SSHRemote":
+        """Connect and authenticate within `deadline`; `sock` (e.g. from open_tunnel) replaces
+        the TCP connection. Raises ConnectFailed or HostKeyError."""
+        endpoint = resolve(params)
+        transport = _open_transport(params, endpoint, deadline, sock)
+        return cls(params, endpoint, transport, own_socket=sock is None)
+
+    def open_tunnel(self, host: str, port: int, deadline: Deadline) -> paramiko.Channel:
+        """A `direct-tcpip` channel from this host to host:port: a socket-like stream, e.g. the
+        `sock` for connecting to a guest that only this host can reach."""
+        transport = self._live(deadline)
+        try:
+            return transport.open_channel(
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=_left(deadline)
+            )
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise ConnectFailed(self.name, f"cannot open a tunnel to {host}:{port}: {_short(e)}") from None
+
+    def transport(self, deadline: Deadline) -> paramiko.Transport:
+        """The live paramiko Transport (reconnecting if needed), for tools such as the bench's
+        scp-package comparison. Stage code should not need it."""
+        return self._live(deadline)
+
+    def _live(self, deadline: Deadline) -> paramiko.Transport:
+        with self._lock:
+            if self._broken is None and self._transport is not None and self._transport.is_active():
+                return self._transport
+            reason = self._broken or "connection closed by the peer"
+            if not self._own_socket:  # tunnelled (the sock is gone) or closed on purpose
+                raise RemoteError(self.name, f"connection lost ({reason})")
+            log.info("%s: reconnecting (%s)", self.name, reason)
+            self._drop_transport()
+            self._transport = _open_transport(self.params, self.endpoint, deadline, None)
+            self._broken = None
+            return self._transport
+
+    def _drop_transport(self) -> None:
+        self._sftp = None
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    def _cut(self, reason: str) -> None:
+        """Mark the connection broken and close it; never blocks (paramiko's close does not
+        wait for a writer stuck in a stalled socket)."""
+        log.debug("%s: cutting the connection: %s", self.name, reason)
+        self._broken = reason
+        transport = self._transport
+        if transport is not None:
+            transport.close()
+
+    @contextlib.contextmanager
+    def _watchdog(self, deadline: Deadline, what: str, grace: float = GRACE) -> Iterator[None]:
+        """Cut the connection if the block is still running `grace` seconds past the deadline."""
+        timer = threading.Timer(
+            deadline.remaining() + grace, self._cut,
+            args=(f"{what} was still blocked {grace:.1f}s after its deadline",),
+        )
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    # commands ----------------------------------------------------------------------------
+
+    def run(self, command: str | Sequence[str], *, deadline: Deadline, check: bool = False,
+            stdin: bytes | None = None) -> Result:
+        cmd = command_string(command)
+        started = time.monotonic()
+        log.debug("%s: run: %s", self.name, cmd)
+        out, err = OutputTail(), OutputTail()
+
+        def partial() -> Result:
+            return Result(cmd, -1, out.text(), err.text(), time.monotonic() - started)
+
+        def timed_out() -> CommandTimedOut:
+            return CommandTimedOut(self.name, cmd, deadline.seconds, partial())
+
+        if deadline.expired:
+            raise timed_out()
+        transport = self._live(deadline)
+        with self._watchdog(deadline, f"`{cmd}`"):
+            try:
+                chan = transport.open_session(timeout=_left(deadline))
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                if deadline.expired:
+                    raise timed_out() from None
+                raise RemoteError(self.name, f"cannot open a session: {_short(e)}") from None
+            try:
+                chan.settimeout(_left(deadline))
+                chan.exec_command(bounded(cmd, deadline.remaining()))
+                status = _pump(chan, stdin, out, err, deadline)
+            except (TimeoutError, paramiko.SSHException, OSError, EOFError) as e:
+                if deadline.expired or self._broken:
+                    raise timed_out() from None
+                raise RemoteError(self.name, f"`{cmd}`: {_short(e)}") from None
+            finally:
+                chan.close()
+            if status is None:
+                if deadline.expired:
+                    raise timed_out()
+                raise RemoteError(self.name, f"connection lost while running `{cmd}`")
+        result = Result(cmd, status, out.text(), err.text(), time.monotonic() - started)
+        log.debug("%s: exit %d after %.2fs: %s", self.name, status, result.duration, cmd)
+        if check and not result.ok:
+            raise RemoteCommandFailed(self.name, result)
+        return result
+
+    # files -------------------------------------------------------------------------------
+
+    def put(self, local: Path, remote_path: str, *, deadline: Deadline,
+            progress: Progress | None = None) -> TransferStats:
+        with open(local, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            return self.put_stream(src, size, remote_path, deadline=deadline, progress=progress)
+
+    def put_stream(self, source: BinaryIO, size: int, remote_path: str, *, deadline: Deadline,
+                   progress: Progress | None = None) -> TransferStats:
+        started = time.monotonic()
+        log.debug("%s: put %d bytes -> %s", self.name, size, remote_path)
+        done = 0
+
+        def timed_out() -> TransferTimedOut:
+            return TransferTimedOut(self.name, remote_path, deadline.seconds, done)
+
+        if deadline.expired:
+            raise timed_out()
+        transport = self._live(deadline)
+        with self._watchdog(deadline, f"upload to {remote_path}", grace=0.0):
+            try:
+                sftp = self._sftp_client(transport, deadline)
+                if sftp is None:
+                    return self._put_exec(source, size, remote_path, deadline, progress)
+                _settimeout(sftp, deadline)
+                f = sftp.open(remote_path, "wb", bufsize=0)
+                f.MAX_REQUEST_SIZE = SFTP_REQUEST
+                f.set_pipelined(True)
+                while done < size:
+                    data = source.read(min(WRITE_CHUNK, size - done))
+                    if not data:
+                        f.close()
+                        raise ValueError(f"source ended after {done} of {size} bytes")
+                    _settimeout(sftp, deadline)
+                    f.write(data)
+                    done += len(data)
+                    if progress:
+                        progress(done)
+                # paramiko drops write errors that arrive after the last write: check them
+                while f._reqs:
+                    _settimeout(sftp, deadline)
+                    sftp._read_response(f._reqs.popleft())
+                _settimeout(sftp, deadline)
+                f.close()
+                _settimeout(sftp, deadline)
+                written = sftp.stat(remote_path).st_size
+                if written != size:
+                    raise RemoteError(self.name, f"{remote_path}: {written} bytes written, expected {size}")
+            except TimeoutError:
+                self._abandon_transfer()
+                raise timed_out() from None
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                if deadline.expired or self._broken:
+                    self._abandon_transfer()
+                    raise timed_out() from None
+                self._sftp = None
+                raise RemoteError(self.name, f"upload to {remote_path} failed: {_short(e)}") from None
+        return TransferStats(remote_path, done, time.monotonic() - started)
+
+    def get(self, remote_path: str, local: Path, *, deadline: Deadline) -> TransferStats:
+        started = time.monotonic()
+        local = Path(local)
+        part = local.with_name(local.name + ".part")
+        done = 0
+        if deadline.expired:
+            raise TransferTimedOut(self.name, remote_path, deadline.seconds, 0)
+        transport = self._live(deadline)
+        with self._watchdog(deadline, f"download of {remote_path}", grace=0.0):
+            try:
+                sftp = self._sftp_client(transport, deadline)
+                with open(part, "wb") as out:
+                    if sftp is None:
+                        done = self._get_exec(remote_path, out, deadline)
+                    else:
+                        _settimeout(sftp, deadline)
+                        with sftp.open(remote_path, "rb") as f:
+                            f.MAX_REQUEST_SIZE = SFTP_REQUEST
+                            while True:
+                                _settimeout(sftp, deadline)
+                                data = f.read(READ_CHUNK)
+                                if not data:
+                                    break
+                                out.write(data)
+                                done += len(data)
+                os.replace(part, local)
+            except TimeoutError:
+                part.unlink(missing_ok=True)
+                self._abandon_transfer()
+                raise TransferTimedOut(self.name, remote_path, deadline.seconds, done) from None
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                part.unlink(missing_ok=True)
+                if deadline.expired or self._broken:
+                    self._abandon_transfer()
+                    raise TransferTimedOut(self.name, remote_path, deadline.seconds, done) from None
+                self._sftp = None
+                raise RemoteError(self.name, f"download of {remote_path} failed: {_short(e)}") from None
+        return TransferStats(remote_path, done, time.monotonic() - started)
+
+    def _sftp_client(self, transport: paramiko.Transport, deadline: Deadline) -> paramiko.SFTPClient | None:
+        """The connection's SFTP client (opened once), or None when the host has no SFTP."""
+        if self._sftp is not None and not self._sftp.sock.closed:
+            return self._sftp
+        if self._no_sftp:
+            return None
+        chan = transport.open_session(timeout=_left(deadline))
+        chan.settimeout(_left(deadline))
+        try:
+            chan.invoke_subsystem("sftp")
+            self._sftp = paramiko.SFTPClient(chan)
+        except paramiko.SSHException as e:
+            chan.close()
+            if deadline.expired or not transport.is_active():
+                raise
+            log.info("%s: no SFTP subsystem (%s); using cat over exec", self.name, _short(e))
+            self._no_sftp = True
+            return None
+        return self._sftp
+
+    def _abandon_transfer(self) -> None:
+        """After a timed-out transfer the SFTP stream is mid-message and the TCP connection may
+        be stalled: drop both (a later call reconnects, or raises RemoteError)."""
+        self._cut("a transfer timed out")
+
+    def _put_exec(self, source: BinaryIO, size: int, remote_path: str, deadline: Deadline,
+                  progress: Progress | None) -> TransferStats:
+        """Upload through `cat > path` for hosts without an SFTP subsystem."""
+        started = time.monotonic()
+        script = bounded(["sh", "-c", 'cat > "$1"', "sh", remote_path], deadline.remaining())
+        chan = self._live(deadline).open_session(timeout=_left(deadline))
+        done = 0
+        try:
+            chan.settimeout(_left(deadline))
+            chan.exec_command(script)
+            while done < size:
+                data = memoryview(source.read(min(WRITE_CHUNK, size - done)))
+                if not data:
+                    raise ValueError(f"source ended after {done} of {size} bytes")
+                while data:
+                    chan.settimeout(_left(deadline))
+                    n = chan.send(data)
+                    if n <= 0:
+                        raise EOFError("channel closed")
+                    data = data[n:]
+                    done += n
+                if progress:
+                    progress(done)
+            chan.shutdown_write()
+            err = OutputTail()
+            status = _pump(chan, None, OutputTail(), err, deadline)
+        except TimeoutError:
+            raise TransferTimedOut(self.name, remote_path, deadline.seconds, done) from None
+        finally:
+            chan.close()
+        if status != 0:
+            raise RemoteError(self.name, f"upload to {remote_path} failed: {err.text().strip()[-200:]}")
+        return TransferStats(remote_path, done, time.monotonic() - started)
+
+    def _get_exec(self, remote_path: str, out: BinaryIO, deadline: Deadline) -> int:
+        chan = self._live(deadline).open_session(timeout=_left(deadline))
+        done = 0
+        try:
+            chan.settimeout(_left(deadline))
+            chan.exec_command(bounded(["cat", remote_path], deadline.remaining()))
+            chan.shutdown_write()
+            while True:
+                chan.settimeout(_left(deadline))
+                data = chan.recv(READ_CHUNK)
+                if not data:
+                    break
+                out.write(data)
+                done += len(data)
+            err = OutputTail()
+            status = _pump(chan, None, OutputTail(), err, deadline)
+        finally:
+            chan.close()
+        if status != 0:
+            raise RemoteError(self.name, f"cannot read {remote_path}: {err.text().strip()[-200:]}")
+        return done
+
+    # lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._broken = self._broken or "closed"
+            self._own_socket = False  # closed on purpose: no reconnecting
+            sftp, self._sftp = self._sftp, None
+            if sftp is not None:
+                with contextlib.suppress(Exception):
+                    sftp.sock.settimeout(1.0)
+                    sftp.close()
+            self._drop_transport()
+
+    def __enter__(self) -> "SSHRemote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        ep = self.endpoint
+        return f"SSHRemote({self.name!r}, {ep.user}@{ep.host}:{ep.port})"
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _left(deadline: Deadline, floor: float = 0.001) -> float:
+    """Seconds left, never 0 (paramiko treats a 0 timeout as non-blocking)."""
+    return max(floor, deadline.remaining())
+
+
+def _settimeout(sftp: paramiko.SFTPClient, deadline: Deadline, floor: float = 0.001) -> None:
+    if deadline.expired and floor <= 0.001:
+        raise TimeoutError("deadline passed")
+    sftp.sock.settimeout(_left(deadline, floor))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _pump(chan: paramiko.Channel, stdin: bytes | None, out: OutputTail, err: OutputTail,
+          deadline: Deadline) -> int | None:
+    """Feed stdin and collect stdout/stderr until the command exits or the deadline passes.
+
+    Returns the exit status (-1 when the server sent none), or None when the channel closed
+    without the command finishing (deadline passed or connection lost)."""
+    fd = chan.fileno()  # a pipe paramiko sets while output is buffered (or the channel closed)
+    pos = 0
+    if not stdin:
+        chan.shutdown_write()
+    while True:
+        while chan.recv_ready():
+            out.add(chan.recv(65536))
+        while chan.recv_stderr_ready():
+            err.add(chan.recv_stderr(65536))
+        if stdin and pos < len(stdin) and chan.send_ready():
+            pos += chan.send(stdin[pos : pos + 65536])
+            if pos >= len(stdin):
+                chan.shutdown_write()
+            continue
+        if chan.exit_status_ready() and (chan.eof_received or chan.closed):
+            while chan.recv_ready():
+                out.add(chan.recv(65536))
+            while chan.recv_stderr_ready():
+                err.add(chan.recv_stderr(65536))
+            if chan.exit_status == -1 and not chan.get_transport().is_active():
+                return None  # the connection died under the command
+            return chan.exit_status  # -1: the server sent no status (e.g. killed by a signal)
+        left = deadline.remaining()
+        if left <= 0:
+            return None
+        if chan.eof_received:
+            # no more output can come; only the exit status (the pipe would stay readable)
+            chan.status_event.wait(min(left, 0.5))
+        elif stdin and pos < len(stdin):
+            select.select([fd], [], [], min(left, 0.02))  # waiting for send window
+        else:
+            select.select([fd], [], [], min(left, 0.5))
+
+
+def _load_key(path: str) -> paramiko.PKey:
+    return paramiko.PKey.from_path(os.path.expanduser(path))
+
+
+def _open_transport(params: SSHParams, ep: Endpoint, deadline: Deadline, sock) -> paramiko.Transport:
+    """TCP connect (unless `sock`), handshake with the preferred ciphers, host key check,
+    public-key auth: all within `deadline`. Raises ConnectFailed / HostKeyError."""
+    where = f"{ep.user}@{ep.host}:{ep.port}"
+    expected, fix = _expected_keys(params, ep)
+    if sock is None:
+        try:
+            sock = socket.create_connection(
+                (ep.host, ep.port), timeout=min(params.connect_timeout, _left(deadline))
+            )
+        except socket.gaierror as e:
+            raise ConnectFailed(params.name, f"cannot resolve {ep.host}: {e.strerror}") from None
+        except TimeoutError:
+            raise ConnectFailed(params.name, f"no answer from {ep.host}:{ep.port} "
+                                f"within {min(params.connect_timeout, deadline.seconds):.0f}s") from None
+        except OSError as e:
+            raise ConnectFailed(params.name, f"cannot connect to {ep.host}:{ep.port}: "
+                                f"{e.strerror or _short(e)}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = None
+    try:
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = _left(deadline)
+        transport.handshake_timeout = _left(deadline)
+        transport.auth_timeout = _left(deadline)
+        transport.channel_timeout = _left(deadline)
+        opts = transport.get_security_options()
+        offered = tuple(opts.ciphers)
+        first = [c for c in params.ciphers if c in offered]
+        opts.ciphers = tuple(first + [c for c in offered if c not in first])
+        known_types = [k.get_name() for _, k in expected]
+        if known_types:  # negotiate a host key type we can check (as OpenSSH does)
+            types = list(opts.key_types)
+            preferred = [t for t in types if t in known_types or
+                         (t.startswith("rsa-sha2") and "ssh-rsa" in known_types)]
+            opts.key_types = tuple(preferred + [t for t in types if t not in preferred])
+        # paramiko's start_client(timeout=...) returns silently when the timeout passes: wait
+        # on our own event instead and look at the outcome
+        done = threading.Event()
+        transport.start_client(event=done)
+        done.wait(_left(deadline))
+        if not done.is_set() or not transport.is_active():
+            error = transport.get_exception()
+            what = f"failed: {_short(error)}" if error else f"timed out after {deadline.seconds:.0f}s"
+            raise ConnectFailed(params.name, f"SSH handshake with {ep.host}:{ep.port} {what}")
+        check_host_key(params, ep, transport.get_remote_server_key(), expected, fix)
+        _authenticate(transport, params, ep, deadline)
+        transport.set_keepalive(max(1, int(params.keepalive)))
+        log.debug("%s: connected to %s (%s)", params.name, where, transport.local_cipher)
+        return transport
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        else:
+            sock.close()
+        raise
+
+
+def _authenticate(transport: paramiko.Transport, params: SSHParams, ep: Endpoint,
+                  deadline: Deadline) -> None:
+    problems: list[str] = []
+    keys: list[tuple[str, paramiko.PKey]] = []
+    for path in ep.key_files:
+        try:
+            keys.append((path, _load_key(path)))
+        except paramiko.PasswordRequiredException:
+            problems.append(f"{path} is encrypted (load it into ssh-agent)")
+        except (OSError, paramiko.SSHException, ValueError) as e:
+            problems.append(f"cannot load {path}: {_short(e)}")
+    agent = None
+    if ep.use_agent:
+        with contextlib.suppress(Exception):
+            agent = paramiko.Agent()
+            keys.extend(("ssh-agent", k) for k in agent.get_keys())
+        if not ep.key_files:
+            for base in DEFAULT_KEYS:
+                path = os.path.expanduser(f"~/.ssh/{base}")
+                if os.path.exists(path):
+                    with contextlib.suppress(Exception):
+                        keys.append((path, _load_key(path)))
+    try:
+        for source, key in keys:
+            if deadline.expired:
+                break
+            transport.auth_timeout = _left(deadline)
+            try:
+                transport.auth_publickey(ep.user, key)
+            except paramiko.AuthenticationException:
+                problems.append(f"{source} ({key.get_name()}) refused")
+                continue
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                what = "timed out" if deadline.expired else _short(e)
+                raise ConnectFailed(params.name, f"authentication as {ep.user} {what}") from None
+            if transport.is_authenticated():
+                return
+    finally:
+        if agent is not None:
+            agent.close()
+    if deadline.expired:
+        raise ConnectFailed(params.name, f"authentication as {ep.user} timed out")
+    if not keys and not problems:
+        problems.append("no keys (none configured, no agent, no default key files)")
+    raise ConnectFailed(
+        params.name, f"authentication as {ep.user}@{ep.host} failed: " + "; ".join(problems)
+    )
