@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, help="where the lab and the run go (default: state dir)")
     p.add_argument("--commits", type=int, default=210, help="commits in the generated repo")
     p.add_argument("--seed", type=int, help="seed of the generated repo (default: random)")
+
+    p = sub.add_parser("schema", help="print the JSON schema of inventory or playbook files")
+    p.add_argument("kind", choices=("inventory", "playbook"))
     return ap
 
 
@@ -204,7 +207,18 @@ def cmd_status(args, ui: UI) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "status": cmd_status, "step": cmd_step, "check": cmd_check, "demo": cmd_demo}
+def cmd_schema(args, ui: UI) -> int:
+    import json
+
+    from .config.inventory import InventoryFile
+    from .config.playbook import Playbook
+
+    model = InventoryFile if args.kind == "inventory" else Playbook
+    print(json.dumps(model.model_json_schema(), indent=2))
+    return 0
+
+
+COMMANDS = {"schema": cmd_schema, "run": cmd_run, "resume": cmd_resume, "report": cmd_report, "status": cmd_status, "step": cmd_step, "check": cmd_check, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

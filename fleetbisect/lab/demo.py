@@ -55,7 +55,7 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct") -> Pa
                     "via": via,
                     "user": assets.guest_user,
                     "key": str(assets.guest_user_key),
-                    "host_key": str(assets.dir / "guest_host_key.pub"),
+                    "host_key": str(assets.guest_host_key_pub_file),
                 },
             },
         }
