@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--good", required=True, help="a commit known to be good")
     p.add_argument("--bad", required=True, help="a commit known to be bad")
     p.add_argument("--run-dir", type=Path, help="where the run's evidence and report go")
+    p.add_argument("--no-endpoint-check", action="store_true",
+                   help="trust --good and --bad without testing them first")
+    p.add_argument("--hook", action="append", default=[], metavar="EVENT=COMMAND",
+                   help="run COMMAND on EVENT (start, verdict, finish, failure); repeatable")
 
     p = sub.add_parser("resume", help="continue a run whose controller died or was interrupted")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -86,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Without a handler, Python prints paramiko's warnings (with tracebacks) to stderr.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    # SIGTERM (systemd, a scheduler, `kill`) stops like Ctrl-C: VM stopped, journal says where.
+    signal.signal(signal.SIGTERM, _interrupt)
     ui = UI(quiet=args.quiet, json_events=args.json)
     abort_code = STEP_ABORT if args.command == "step" else None
     try:
@@ -103,6 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         ui.error("interrupted")
         return abort_code or 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The journal is fsync'd line by line: what was whole stays whole.
+        ui.error(f"disk full writing {e.filename or 'the run directory'}: {e.strerror}. Free some "
+                 "space, then `fleetbisect resume RUN_DIR` continues where it stopped")
+        return abort_code or 128
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _load(args):
@@ -129,8 +151,15 @@ def _load(args):
 
 
 def cmd_run(args, ui: UI) -> int:
+    from .hooks import EVENTS
     from .run import start_run
 
+    hooks: dict[str, list[str]] = {}
+    for h in args.hook:
+        event, sep, command = h.partition("=")
+        if not sep or event not in EVENTS or not command.strip():
+            raise UserError(f"--hook {h!r}: expected EVENT=COMMAND with EVENT one of {', '.join(EVENTS)}")
+        hooks.setdefault(event, []).append(command)
     host, playbook = _load(args)
     run_dir = args.run_dir or state_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{host.name}"
     with ui.live():
@@ -138,6 +167,7 @@ def cmd_run(args, ui: UI) -> int:
             repo=args.repo, good=args.good, bad=args.bad, host=host,
             inventory=args.inventory or default_inventory(), playbook=playbook,
             playbook_path=args.playbook, run_dir=run_dir, ui=ui,
+            check_endpoints=False if args.no_endpoint_check else None, hooks=hooks,
         )
     return print_result(report, ui)
 
@@ -154,8 +184,10 @@ def print_result(report, ui: UI) -> int:
     """The answer goes to stdout (for scripts), everything else to stderr."""
     if ui.json_events:
         pass  # the run-finished event already said it
-    elif report.status == "found":
+    elif report.culprit:
         print(f"first bad commit: {report.culprit} {report.culprit_subject}")
+        if report.status != "found":
+            ui.error(report.message)
     else:
         ui.error(report.message)
     ui.info(f"run directory: {report.run_dir}")

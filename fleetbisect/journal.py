@@ -68,6 +68,10 @@ def read(run_dir: Path) -> tuple[list[dict], str | None]:
     return events, note
 
 
+# Verdicts reused instead of retesting; a confirmation is a deliberate retest, never cached.
+CACHED_ROLES = ("bisect", "endpoint-good", "endpoint-bad")
+
+
 @dataclass
 class RunState:
     """What the journal says a run has done: enough to resume it without retesting."""
@@ -92,7 +96,8 @@ def replay(events: list[dict]) -> RunState:
         elif kind == "step-finished":
             rec = e["record"]
             state.steps.append(rec)
-            state.decided[rec["commit"]] = rec
+            if rec.get("role", "bisect") in CACHED_ROLES:
+                state.decided[rec["commit"]] = rec
             current = None
         elif kind == "marked":
             state.marks.append((e["commit"], e["verdict"]))

@@ -28,8 +28,10 @@ class Report:
     culprit: str | None = None
     culprit_subject: str | None = None
     candidates: list[str] = field(default_factory=list)
-    status: str = "running"  # running | found | inconclusive | aborted | interrupted
+    # running | found | unconfirmed | inconclusive | endpoint-failed | aborted | interrupted
+    status: str = "running"
     message: str = ""
+    confirmed: bool | None = None  # None: not retested (confirm: 0, or no culprit)
 
     def to_json(self) -> dict:
         return {
@@ -46,6 +48,7 @@ class Report:
             "message": self.message,
             "culprit": self.culprit,
             "culprit_subject": self.culprit_subject,
+            "confirmed": self.confirmed,
             "candidates": self.candidates,
             "bisect_log": "bisect.log",
             "steps": [s.to_json() for s in self.steps],
@@ -64,8 +67,10 @@ class Report:
 def render_markdown(data: dict) -> str:
     """report.md: for a bug report or a mailing-list post."""
     out = [f"# fleetbisect run on {data['host']}", ""]
-    if data["status"] == "found":
-        out += [f"**First bad commit:** `{data['culprit']}` {data.get('culprit_subject') or ''}", ""]
+    if data["culprit"]:
+        held = {True: "confirmed on retest", False: "NOT confirmed on retest", None: "not retested"}
+        out += [f"**First bad commit:** `{data['culprit']}` {data.get('culprit_subject') or ''}",
+                "", f"{held[data.get('confirmed')]}. {data['message']}", ""]
     else:
         out += [f"**Status:** {data['status']}: {data['message']}", ""]
     out += [
@@ -81,7 +86,9 @@ def render_markdown(data: dict) -> str:
         durs = " | ".join(f"{s['durations'][k]:.1f}s" if k in s["durations"] else "" for k in STAGES)
         ev = " ".join(f"[{Path(e).name}]({e})" for e in s["evidence"])
         reason = s["reason"].replace("|", "\\|")
-        out.append(f"| {s['index']} | `{s['commit'][:12]}` {s['subject']} | {s['verdict']} | {reason} | {durs} | {ev} |")
+        role = "" if s.get("role", "bisect") == "bisect" else f" ({s['role']})"
+        out.append(f"| {s['index']} | `{s['commit'][:12]}` {s['subject']}{role} | {s['verdict']} | {reason} | "
+                   f"{durs} | {ev} |")
     out += ["", "## git bisect log", "", "```", data.get("bisect_log_text", "").rstrip(), "```", ""]
     return "\n".join(out)
 
@@ -105,8 +112,9 @@ def show(run_dir: Path, console) -> None:
     from rich.table import Table
 
     data = load(run_dir)
-    if data["status"] == "found":
+    if data["culprit"]:
         console.print(f"[bold]first bad commit:[/] {data['culprit']} {escape(data.get('culprit_subject') or '')}")
+        console.print(escape(data["message"] or ""))
     else:
         console.print(f"[bold]{data['status']}[/]: {escape(data['message'] or '')}")
     console.print(

@@ -12,15 +12,21 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+from .deadline import Deadline
 from .errors import RunAborted, UserError
 from .files import write_atomic
+from .hooks import EVENTS, Hooks
 from .journal import Journal, RunState, read, replay
+from .lease import Lease, LeaseKeeper
+from .remote.base import RemoteError
 from .report import Report
 from .search.gitbisect import Bisect, git, resolve, subject
-from .step import Lab, StepRecord, test_commit
+from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, test_commit
 from .ui import UI, log_to_file
 from .verdict import Verdict
 
@@ -42,12 +48,15 @@ class RunSpec:
     inventory: list[Path]
     playbook: Path
     playbook_digest: str
+    check_endpoints: bool = True
+    hooks: dict[str, list[str]] = field(default_factory=dict)  # from the command line
 
     def to_json(self) -> dict:
         return {
             "run_id": self.run_id, "repo": str(self.repo), "good": self.good, "bad": self.bad,
             "host": self.host, "inventory": [str(p) for p in self.inventory],
             "playbook": str(self.playbook), "playbook_digest": self.playbook_digest,
+            "check_endpoints": self.check_endpoints, "hooks": self.hooks,
         }
 
     @classmethod
@@ -55,18 +64,21 @@ class RunSpec:
         return cls(
             d["run_id"], Path(d["repo"]), d["good"], d["bad"], d["host"],
             [Path(p) for p in d["inventory"]], Path(d["playbook"]), d["playbook_digest"],
+            d.get("check_endpoints", True), d.get("hooks", {}),
         )
 
 
 def start_run(
     *, repo: Path, good: str, bad: str, host, inventory: list[Path], playbook,
-    playbook_path: Path, run_dir: Path, ui: UI,
+    playbook_path: Path, run_dir: Path, ui: UI, check_endpoints: bool | None = None,
+    hooks: dict[str, list[str]] | None = None,
 ) -> Report:
     """Bisect `good..bad` of `repo` on `host` in a new run directory."""
     repo = repo.resolve()
     spec = RunSpec(
         uuid.uuid4().hex[:12], repo, resolve(repo, good), resolve(repo, bad), host.name,
         [p.resolve() for p in inventory], playbook_path.resolve(), playbook.digest,
+        playbook.policy.check_endpoints if check_endpoints is None else check_endpoints, hooks or {},
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "journal.jsonl").exists():
@@ -111,6 +123,10 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
         )
         report.steps = [StepRecord.from_json(s) for s in state.steps]
         report.write()
+        hooks = Hooks(
+            {e: [*getattr(playbook.hooks, e), *spec.hooks.get(e, [])] for e in EVENTS}, ui,
+            {"run_id": spec.run_id, "run_dir": str(run_dir), "host": spec.host}, run_dir / "hooks.log",
+        )
         count = int(git(spec.repo, "rev-list", "--count", f"{spec.good}..{spec.bad}").stdout.strip() or 0)
         ui.step(
             f"bisecting {count} commits of {spec.repo} on {spec.host} (about "
@@ -118,61 +134,175 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
         )
         ui.event("run-started", run_id=spec.run_id, host=spec.host, commits=count,
                  good=spec.good, bad=spec.bad, run_dir=str(run_dir))
-        bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-        lab = Lab(bisect.tree, host, playbook, ui)
+        if not state.steps:
+            hooks.fire("start", good=spec.good, bad=spec.bad)
         started = time.monotonic()
         try:
-            # Rebuild git's bisect state from the journal: each mark once, in its order.
-            mark = None
-            for commit, verdict in state.marks:
-                mark = bisect.mark(Verdict(verdict), commit)
-            marked = {c for c, _ in state.marks}
-            while not (mark and mark.done):
-                commit = bisect.head()
-                record = _decided(state, commit, ui) or _test(
-                    lab, journal, report, commit, run_dir, spec.repo, ui, bisect.remaining()
-                )
-                if record.verdict is Verdict.ABORT:
-                    report.status = "aborted"
-                    report.message = f"{commit[:12]} could not be tested: {record.reason}"
-                    break
-                if commit in marked:
-                    raise RuntimeError(f"bisect asked for {commit} again after it was marked")
-                mark = bisect.mark(record.verdict, commit)
-                marked.add(commit)
-                journal.append("marked", commit=commit, verdict=record.verdict.value)
-                ui.event("marked", commit=commit, verdict=record.verdict.value)
-                write_atomic(run_dir / "bisect.log", bisect.log())
-            if mark and mark.culprit:
-                report.status = "found"
-                report.culprit = mark.culprit
-                report.culprit_subject = subject(spec.repo, mark.culprit)
-                report.message = f"{mark.culprit} is the first bad commit: {report.culprit_subject}"
-            elif mark and mark.done:
-                report.status = "inconclusive"
-                report.candidates = list(mark.candidates)
-                report.message = (
-                    f"only skipped commits are left; the first bad commit is one of "
-                    f"{len(mark.candidates)}: " + " ".join(c[:12] for c in mark.candidates)
-                )
-        except KeyboardInterrupt:
-            report.status = "interrupted"
-            report.message = f"interrupted; `fleetbisect resume {run_dir}` continues the run"
-            journal.append("interrupted")
-            raise
-        finally:
-            write_atomic(run_dir / "bisect.log", bisect.log())
-            report.write()
-            if report.status in ("found", "inconclusive", "aborted"):
-                journal.append("run-finished", status=report.status, culprit=report.culprit,
-                               message=report.message)
-            ui.event("run-finished", status=report.status, culprit=report.culprit,
-                     message=report.message)
-            bisect.finish(spec.repo, remove=report.status in ("found", "inconclusive"))
-            ui.detail(f"run took {time.monotonic() - started:.1f}s over {len(report.steps)} steps")
+            with _leased(host, spec.run_id, playbook.policy.retries, ui):
+                bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
+                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui), journal, report, bisect, hooks, ui)
+                try:
+                    run.search()
+                except KeyboardInterrupt:
+                    report.status = "interrupted"
+                    report.message = f"interrupted; `fleetbisect resume {run_dir}` continues the run"
+                    journal.append("interrupted")
+                    raise
+                finally:
+                    write_atomic(run_dir / "bisect.log", bisect.log())
+                    report.write()
+                    if report.status not in ("interrupted", "running"):  # "running": a bug escaped
+                        journal.append("run-finished", status=report.status, culprit=report.culprit,
+                                       confirmed=report.confirmed, message=report.message)
+                        hooks.fire("finish" if report.status == "found" else "failure", status=report.status,
+                                   culprit=report.culprit, message=report.message)
+                    ui.event("run-finished", status=report.status, culprit=report.culprit,
+                             confirmed=report.confirmed, message=report.message)
+                    bisect.finish(spec.repo, remove=report.status not in ("interrupted", "running"))
+                    ui.detail(f"run took {time.monotonic() - started:.1f}s over {len(report.steps)} steps")
+        except RunAborted as e:  # the host never answered: nothing was tested or marked
+            if report.status == "running":
+                report.status, report.message = "aborted", str(e)
+                report.write()
+                journal.append("run-finished", status=report.status, culprit=None, message=report.message)
+                hooks.fire("failure", status=report.status, message=report.message)
+            raise RunAborted(f"{e}; once that is fixed, `fleetbisect resume {run_dir}` continues the run") from None
     if report.status == "aborted":
-        raise RunAborted(report.message)
+        raise RunAborted(f"{report.message}; once that is fixed, `fleetbisect resume {run_dir}` continues the run")
     return report
+
+
+@contextmanager
+def _leased(host_cfg, run_id: str, retries: int, ui: UI) -> Iterator[None]:
+    """Hold the host's lease for the whole run (renewed in the background), so two runs never
+    drive the same VM. A connection of its own: renewals never wait behind a step's command."""
+    for attempt in range(1, retries + 2):
+        try:
+            conn = connect_host(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
+            break
+        except RemoteError as e:
+            if attempt > retries:
+                raise RunAborted(f"cannot reach the host {host_cfg.name} ({attempt} attempts): {e}") from None
+            ui.warn(f"cannot reach the host {host_cfg.name}: {e}; trying again in {RETRY_PAUSE:.0f}s")
+            time.sleep(RETRY_PAUSE)
+    lease = Lease.on(conn, host_cfg.work_dir, run_id)
+    try:
+        note = lease.acquire()
+        if note:
+            ui.warn(note)
+        keeper = LeaseKeeper(lease, ui.warn).start()
+        try:
+            yield
+        finally:
+            keeper.stop()
+            try:
+                lease.release()
+            except Exception as e:  # noqa: BLE001 - it expires on its own
+                ui.warn(f"could not release the lease on {host_cfg.name} (it expires by itself): {e}")
+    finally:
+        conn.close()
+
+
+class _Run:
+    """The phases of one run: endpoints, search, confirmation. Every decision is journaled
+    before the next action, and a verdict the journal holds is reused, never retested."""
+
+    def __init__(self, spec, state, lab, journal, report, bisect, hooks, ui):
+        self.spec, self.state, self.lab = spec, state, lab
+        self.journal, self.report, self.bisect, self.hooks, self.ui = journal, report, bisect, hooks, ui
+        self.playbook = lab.playbook
+
+    def search(self) -> None:
+        report, spec = self.report, self.spec
+        mark = None
+        for commit, verdict in self.state.marks:  # git's bisect state, rebuilt from the journal
+            mark = self.bisect.mark(Verdict(verdict), commit)
+        if not self.state.marks and spec.check_endpoints and not self._endpoints_hold():
+            return
+        marked = {c for c, _ in self.state.marks}
+        while not (mark and mark.done):
+            commit = self.bisect.head()
+            record = self._step(commit, "bisect")
+            if record.verdict is Verdict.ABORT:
+                report.status = "aborted"
+                report.message = f"{commit[:12]} could not be tested: {record.reason}"
+                return
+            if commit in marked:
+                raise RuntimeError(f"bisect asked for {commit} again after it was marked")
+            mark = self.bisect.mark(record.verdict, commit)
+            marked.add(commit)
+            self.journal.append("marked", commit=commit, verdict=record.verdict.value)
+            self.ui.event("marked", commit=commit, verdict=record.verdict.value)
+            write_atomic(report.run_dir / "bisect.log", self.bisect.log())
+        if mark.culprit:
+            report.status = "found"
+            report.culprit = mark.culprit
+            report.culprit_subject = subject(spec.repo, mark.culprit)
+            report.message = f"{mark.culprit} is the first bad commit: {report.culprit_subject}"
+            if self.playbook.policy.confirm:
+                self._confirm(mark.culprit)
+        else:
+            report.status = "inconclusive"
+            report.candidates = list(mark.candidates)
+            report.message = (
+                f"only skipped commits are left; the first bad commit is one of "
+                f"{len(mark.candidates)}: " + " ".join(c[:12] for c in mark.candidates)
+            )
+
+    def _endpoints_hold(self) -> bool:
+        """The good end must test good and the bad end bad, or the search would mean nothing."""
+        back = self.bisect.head()
+        try:
+            for commit, want, role in ((self.spec.good, Verdict.GOOD, "endpoint-good"),
+                                       (self.spec.bad, Verdict.BAD, "endpoint-bad")):
+                record = self._step(commit, role, checkout=True)
+                if record.verdict is not want:
+                    self.report.status = "aborted" if record.verdict is Verdict.ABORT else "endpoint-failed"
+                    self.report.message = (
+                        f"the {role.removeprefix('endpoint-')} endpoint {commit[:12]} tested "
+                        f"{record.verdict.value}, not {want.value} ({record.reason}); bisecting this "
+                        "range would name a random commit. Check the range and the playbook."
+                    )
+                    return False
+            return True
+        finally:
+            git(self.bisect.tree, "checkout", "--quiet", "--detach", back)
+
+    def _confirm(self, culprit: str) -> None:
+        """Retest the culprit (bad) and its parent (good); the report says whether it held."""
+        parent = git(self.spec.repo, "rev-parse", f"{culprit}^").stdout.strip()
+        back = self.bisect.head()
+        failed = []
+        try:
+            for _ in range(self.playbook.policy.confirm):
+                for commit, want, role in ((culprit, Verdict.BAD, "confirm-culprit"),
+                                           (parent, Verdict.GOOD, "confirm-parent")):
+                    record = self._step(commit, role, checkout=True, cached=False)
+                    if record.verdict is not want:
+                        failed.append(f"{role.removeprefix('confirm-')} {commit[:12]} tested "
+                                      f"{record.verdict.value} ({record.reason})")
+        finally:
+            git(self.bisect.tree, "checkout", "--quiet", "--detach", back)
+        self.report.confirmed = not failed
+        if failed:
+            self.report.status = "unconfirmed"
+            self.report.message += "; NOT confirmed on retest: " + "; ".join(failed) + " (flaky reproducer?)"
+            self.ui.warn("the culprit did not hold on retest: " + "; ".join(failed))
+        else:
+            self.ui.good(f"confirmed: {culprit[:12]} is bad and its parent {parent[:12]} good on retest")
+
+    def _step(self, commit: str, role: str, *, checkout: bool = False, cached: bool = True) -> StepRecord:
+        if cached:
+            record = _decided(self.state, commit, self.ui)
+            if record is not None:
+                return record
+        if checkout:
+            git(self.bisect.tree, "checkout", "--quiet", "--detach", commit)
+        record = _test(self.lab, self.journal, self.report, commit, self.report.run_dir, self.spec.repo,
+                       self.ui, self.bisect.remaining(), role)
+        self.hooks.fire("verdict", commit=commit, verdict=record.verdict.value, reason=record.reason,
+                        subject=record.subject, role=role)
+        return record
 
 
 def _decided(state: RunState, commit: str, ui: UI) -> StepRecord | None:
@@ -185,13 +315,14 @@ def _decided(state: RunState, commit: str, ui: UI) -> StepRecord | None:
 
 
 def _test(lab: Lab, journal: Journal, report: Report, commit: str, run_dir: Path, repo: Path,
-          ui: UI, bisect_left: int) -> StepRecord:
+          ui: UI, bisect_left: int, role: str = "bisect") -> StepRecord:
     index = len(report.steps) + 1
     subj = subject(repo, commit)
-    ui.step(f"step {index}: {commit[:12]} {subj}")
-    journal.append("step-started", index=index, commit=commit)
-    ui.event("step-started", index=index, commit=commit, subject=subj, left=bisect_left)
-    record = test_commit(lab, index, commit, subj, run_dir / "steps" / f"{index:03d}-{commit[:12]}")
+    what = "" if role == "bisect" else f" ({role})"
+    ui.step(f"step {index}{what}: {commit[:12]} {subj}")
+    journal.append("step-started", index=index, commit=commit, role=role)
+    ui.event("step-started", index=index, commit=commit, subject=subj, left=bisect_left, role=role)
+    record = test_commit(lab, index, commit, subj, run_dir / "steps" / f"{index:03d}-{commit[:12]}", role)
     journal.append("step-finished", record=record.to_json())
     ui.event("step-finished", index=index, commit=commit, verdict=record.verdict.value,
              reason=record.reason, durations=record.durations)

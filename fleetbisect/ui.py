@@ -206,11 +206,16 @@ def log_to_file(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("fleetbisect")
-    root.setLevel(logging.DEBUG)
-    root.addHandler(handler)
+    ours = logging.getLogger("fleetbisect")
+    ours.setLevel(logging.DEBUG)
+    ours.addHandler(handler)
+    # paramiko's own complaints (a failed handshake's traceback) belong in the file, not on the
+    # terminal: the error the user needs reaches them as a RemoteError message.
+    transport = logging.getLogger("paramiko")
+    transport.addHandler(handler)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        ours.removeHandler(handler)
+        transport.removeHandler(handler)
         handler.close()

@@ -103,8 +103,30 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _terminate(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM the sshd and what it forked, wait up to `timeout`, then SIGKILL; reap it."""
+def _stop_vms(base_dir: Path) -> None:
+    """SIGKILL the QEMUs started through this host (they daemonize, so they are nobody's
+    child): each named by a pidfile under `base_dir`, checked against /proc/PID/cmdline."""
+    for pidfile in base_dir.rglob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(pidfile).encode() in cmdline:
+            _signal(pid, signal.SIGKILL)
+
+
+def _terminate(proc: subprocess.Popen, base_dir: Path | None = None, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM the sshd and what it forked, wait up to `timeout`, then SIGKILL; reap it. Then
+    the VMs it started, which outlive it."""
+    try:
+        _terminate_sshd(proc, timeout)
+    finally:
+        if base_dir is not None:
+            _stop_vms(base_dir)
+
+
+def _terminate_sshd(proc: subprocess.Popen, timeout: float) -> None:
     if proc.poll() is None:
         children = _children(proc.pid)
         _signal(proc.pid, signal.SIGTERM)
@@ -140,7 +162,7 @@ class LabHost:
         self.config = base_dir / "sshd_config"
         self.log = base_dir / "sshd.log"
         self._proc = proc
-        self._finalizer = weakref.finalize(self, _terminate, proc)
+        self._finalizer = weakref.finalize(self, _terminate, proc, base_dir)
 
     @property
     def pid(self) -> int:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fleetbisect.lab.image import ensure_assets
+from fleetbisect.lab.kernelrepo import generate_repo
 
 from fleetbisect.config.inventory import load_inventory
 from fleetbisect.config.playbook import load_playbook
 from fleetbisect.lab.demo import lab_playbook, write_lab_inventory
-from fleetbisect.lab.image import ensure_assets
-from fleetbisect.lab.kernelrepo import generate_repo
 
 # The small repo the stage tests use: which commit does what is fixed, so tests can name them.
 CULPRIT, BUILD_FAILS, NO_SSH = 13, 5, 9

@@ -28,21 +28,36 @@ def test_run_finds_the_seeded_culprit_and_writes_the_report(
     _, playbook = playbook_variant({"reproducer": {"timeout": "6s"}})
     run_dir = tmp_path / "run"
     user_head = git(lab_repo.path, "rev-parse", "HEAD")
+    hook_log = tmp_path / "hooks.txt"
     p = fleetbisect(
         "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inventory_file),
         "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
         "--run-dir", str(run_dir),
+        # Hooks get the event in the environment; a failing one is reported, never fatal.
+        "--hook", f'verdict=echo "$FLEETBISECT_EVENT $FLEETBISECT_COMMIT $FLEETBISECT_VERDICT" >> {hook_log}',
+        "--hook", f'finish=echo "finish $FLEETBISECT_CULPRIT" >> {hook_log}',
+        "--hook", "start=exit 3",
     )
     assert p.returncode == 0, p.stderr
     seeded = git(lab_repo.path, "log", "--format=%H", "--grep=Seeded-regression: true").split()
     assert seeded == [lab_repo.shas[CULPRIT]]
     assert f"first bad commit: {seeded[0]}" in p.stdout
+    assert "hook for start exited 3" in p.stderr
 
     report = json.loads((run_dir / "report.json").read_text())
     assert report["culprit"] == seeded[0]
+    assert report["status"] == "found" and report["confirmed"] is True
     assert report["repo"] == str(lab_repo.path)
     assert (report["good"], report["bad"]) == (lab_repo.good, lab_repo.bad)
-    assert 3 <= len(report["steps"]) <= 8  # ~log2(23) plus the skips the repo seeds
+    roles = [s["role"] for s in report["steps"]]
+    # The endpoints first, then the search (~log2(23) plus the skips the repo seeds), then the
+    # culprit and its parent retested.
+    assert roles[:2] == ["endpoint-good", "endpoint-bad"]
+    assert roles[-2:] == ["confirm-culprit", "confirm-parent"]
+    assert 3 <= roles.count("bisect") <= 8
+    by_role = {s["role"]: s for s in report["steps"]}
+    assert by_role["confirm-culprit"]["commit"] == seeded[0] and by_role["confirm-culprit"]["verdict"] == "bad"
+    assert by_role["confirm-parent"]["commit"] == lab_repo.shas[CULPRIT - 1]
     for s in report["steps"]:
         assert s["verdict"] in ("good", "bad", "skip")
         assert s["outcomes"] and "build" in s["durations"]
@@ -54,6 +69,27 @@ def test_run_finds_the_seeded_culprit_and_writes_the_report(
     assert git(lab_repo.path, "rev-parse", "HEAD") == user_head
     assert str(run_dir) not in git(lab_repo.path, "worktree", "list")
     assert (run_dir / "report.md").read_text().count(seeded[0][:12]) >= 1
+    hooks = hook_log.read_text().splitlines()
+    assert len([h for h in hooks if h.startswith("verdict ")]) == len(report["steps"])
+    assert f"verdict {seeded[0]} bad" in hooks and hooks[-1] == f"finish {seeded[0]}"
+
+
+def test_a_bad_endpoint_that_passes_stops_the_run_before_any_mark(
+    lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
+):
+    _, playbook = playbook_variant()
+    run_dir = tmp_path / "run"
+    p = fleetbisect(
+        "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inventory_file),
+        "--repo", str(lab_repo.path), "--good", lab_repo.shas[1], "--bad", lab_repo.shas[CULPRIT - 2],
+        "--run-dir", str(run_dir),
+    )
+    assert p.returncode == 1, p.stderr
+    assert "the bad endpoint" in p.stderr and "tested good" in p.stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "endpoint-failed" and report["culprit"] is None
+    assert [s["role"] for s in report["steps"]] == ["endpoint-good", "endpoint-bad"]
+    assert "git bisect good" not in (run_dir / "bisect.log").read_text()
 
 
 def test_git_bisect_run_with_step(lab_repo, inventory_file, lab_host, playbook_variant, tmp_path):
@@ -155,21 +191,75 @@ def test_check_refuses_an_unknown_host_key(inventory_file, lab_host, playbook_va
     assert "Traceback" not in p.stderr
 
 
+class Relay:
+    """A loopback port in front of the lab sshd that relays the first `allow` connections and
+    drops every later one: a host that dies in the middle of a run, while the connections it
+    already has stay up."""
+
+    def __init__(self, target_port: int, allow: int):
+        self.target_port, self.allow = target_port, allow
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.accepted > self.allow:
+                conn.close()
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def relayed_inventory(inventory_file, lab_host, relay, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{relay.port} {lab_host.host_public_key}\n")
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(inventory_file.read_text()
+                   .replace(f"port: {lab_host.port}", f"port: {relay.port}")
+                   .replace(str(lab_host.known_hosts), str(known)))
+    return inv
+
+
 def test_a_dead_host_aborts_the_run_after_bounded_retries_and_marks_nothing(
     lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
 ):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    inv = tmp_path / "inv.yaml"
-    inv.write_text(inventory_file.read_text().replace(f"port: {lab_host.port}", f"port: {dead}"))
-    _, playbook = playbook_variant({"policy": {"retries": 1}})
-    run_dir = tmp_path / "run"
-    p = fleetbisect(
-        "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv),
-        "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
-        "--run-dir", str(run_dir),
-    )
+    relay = Relay(lab_host.port, allow=1)  # the run's lease connection, then the host "dies"
+    try:
+        inv = relayed_inventory(inventory_file, lab_host, relay, tmp_path)
+        _, playbook = playbook_variant({"policy": {"retries": 1}})
+        run_dir = tmp_path / "run"
+        p = fleetbisect(
+            "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv),
+            "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
+            "--run-dir", str(run_dir), "--no-endpoint-check",
+        )
+    finally:
+        relay.close()
     assert p.returncode == 128, p.stderr
     assert "cannot reach the host" in p.stderr
     assert "Traceback" not in p.stderr
@@ -177,5 +267,30 @@ def test_a_dead_host_aborts_the_run_after_bounded_retries_and_marks_nothing(
     assert report["status"] == "aborted" and report["culprit"] is None
     (only,) = report["steps"]
     assert only["verdict"] == "abort" and only["attempts"] == 2
+    assert relay.accepted == 3  # the lease, then one connection per attempt
     assert "git bisect good" not in (run_dir / "bisect.log").read_text()
     assert "git bisect bad" not in (run_dir / "bisect.log").read_text()
+    # The run can be resumed once the host is back.
+    assert f"fleetbisect resume {run_dir}" in p.stderr
+
+
+def test_a_host_that_never_answers_aborts_before_anything_is_tested(
+    lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
+):
+    relay = Relay(lab_host.port, allow=0)
+    try:
+        inv = relayed_inventory(inventory_file, lab_host, relay, tmp_path)
+        _, playbook = playbook_variant({"policy": {"retries": 1}})
+        run_dir = tmp_path / "run"
+        p = fleetbisect(
+            "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv),
+            "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
+            "--run-dir", str(run_dir),
+        )
+    finally:
+        relay.close()
+    assert p.returncode == 128, p.stderr
+    assert f"cannot reach the host {lab_host.name} (2 attempts)" in p.stderr
+    assert "Traceback" not in p.stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "aborted" and report["steps"] == []

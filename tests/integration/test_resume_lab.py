@@ -1,0 +1,144 @@
+"""Kill the controller with SIGKILL at many points of a real lab bisect; `resume` must finish
+it with the same culprit, no commit marked twice, no verdict lost, no finished step retested."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from .conftest import CULPRIT
+
+FB = [sys.executable, "-m", "fleetbisect", "--json"]
+
+
+class Controller:
+    """`fleetbisect --json ...` in its own process group, its events read as they come."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [*FB, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+        self.events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.events.put(json.loads(line))
+        self.events.put(None)
+
+    def kill_at(self, predicate, timeout: float = 300) -> dict:
+        """SIGKILL the whole process group at the first event matching `predicate`."""
+        end = time.monotonic() + timeout
+        try:
+            while True:
+                event = self.events.get(timeout=max(0.1, end - time.monotonic()))
+                if event is None:
+                    pytest.fail(f"the run ended before the kill point: {self.proc.stderr.read()[-2000:]}")
+                if predicate(event):
+                    return event
+        finally:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        out, err = self.proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+
+def stage(name, nth=1):
+    seen = {"n": 0}
+
+    def match(e):
+        if e["event"] == "stage-started" and e["stage"] == name:
+            seen["n"] += 1
+            return seen["n"] == nth
+        return False
+
+    return match
+
+
+def journal(run_dir):
+    return [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(1500)
+def test_sigkill_anywhere_then_resume_finds_the_same_culprit(
+    lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
+):
+    _, playbook = playbook_variant({"reproducer": {"timeout": "6s"}, "policy": {"confirm": 0}})
+    run_dir = tmp_path / "run"
+    first = Controller(
+        "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inventory_file),
+        "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
+        "--run-dir", str(run_dir), "--no-endpoint-check",
+    )
+    kill_points = [
+        ("during a build", stage("build")),
+        ("during a push", stage("push")),
+        ("during a reproducer", stage("reproduce")),
+        ("between a mark and the next step", lambda e: e["event"] == "marked"),
+        ("while the guest boots", stage("ready")),
+    ]
+    killed_at = []
+    controller = first
+    for name, predicate in kill_points:
+        event = controller.kill_at(predicate)
+        killed_at.append((name, event))
+        controller = Controller("resume", str(run_dir))
+    done = controller.finish()
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["event"] == "run-finished" and last["culprit"] == lab_repo.shas[CULPRIT], last
+
+    events = journal(run_dir)
+    assert sum(e["event"] == "resumed" for e in events) == len(kill_points)
+    marks = [e["commit"] for e in events if e["event"] == "marked"]
+    assert len(marks) == len(set(marks)), "a commit was marked twice"
+    finished: set[str] = set()
+    for e in events:
+        if e["event"] == "step-started":
+            assert e["commit"] not in finished, f"{e['commit'][:12]} was tested again after its verdict"
+        elif e["event"] == "step-finished":
+            finished.add(e["record"]["commit"])
+    # Every mark rests on a finished step, and git's log agrees with the journal.
+    assert set(marks) <= finished
+    bisect_log = (run_dir / "bisect.log").read_text()
+    assert f"# first bad commit: [{lab_repo.shas[CULPRIT]}]" in bisect_log
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["culprit"] == lab_repo.shas[CULPRIT]
+    assert len(report["steps"]) == len(finished)
+    # A VM the killed controller left running was stopped by the resumed one before it booted
+    # its own (the kill "during a reproducer" leaves one).
+    assert "previous VM: stopped" in (run_dir / "run.log").read_text()
+
+
+def test_resume_refuses_what_is_not_a_run_and_a_changed_playbook(
+    lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
+):
+    p = subprocess.run([*FB, "resume", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "not a fleetbisect run" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+    _, playbook = playbook_variant({"policy": {"confirm": 0}})
+    run_dir = tmp_path / "run"
+    first = Controller(
+        "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inventory_file),
+        "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
+        "--run-dir", str(run_dir), "--no-endpoint-check",
+    )
+    first.kill_at(lambda e: e["event"] == "step-finished")
+    before = (run_dir / "journal.jsonl").read_bytes()
+    playbook.write_text(playbook.read_text().replace("iterations: 12", "iterations: 11"))
+    p = subprocess.run([*FB, "resume", str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "changed since the run started" in p.stderr, p.stderr
+    assert (run_dir / "journal.jsonl").read_bytes() == before  # nothing lost, nothing added
