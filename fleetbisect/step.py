@@ -22,7 +22,7 @@ from .remote.base import Remote, RemoteError
 from .remote.ssh import SSHRemote
 from .reproducers import ReproContext
 from .reproducers import run as run_reproducer
-from .stages import boot_qemu
+from .stages import boot_qemu, judge
 from .stages.build import BuildResult, build
 from .stages.push import HashCache, push
 from .stages.ready import BootFailed, GuestEndpoint, verify_kernel, wait_ready
@@ -47,6 +47,7 @@ class StepRecord:
     attempts: int = 0
     release: str | None = None
     pushed: dict[str, int] = field(default_factory=dict)  # artifact -> bytes sent (last attempt)
+    role: str = "bisect"  # bisect | endpoint-good | endpoint-bad | confirm-culprit | confirm-parent
 
     def to_json(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class StepRecord:
             "attempts": self.attempts,
             "release": self.release,
             "pushed": self.pushed,
+            "role": self.role,
         }
 
     @classmethod
@@ -69,6 +71,7 @@ class StepRecord:
             d["index"], d["commit"], d["subject"], Verdict(d["verdict"]), d["reason"],
             [Outcome.from_json(o) for o in d["outcomes"]], dict(d["durations"]),
             list(d["evidence"]), d["attempts"], d.get("release"), dict(d.get("pushed", {})),
+            d.get("role", "bisect"),
         )
 
 
@@ -102,7 +105,8 @@ class _Timer:
             self.ui.event("stage-finished", stage=stage, seconds=round(took, 3))
 
 
-def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path) -> StepRecord:
+def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
+                role: str = "bisect") -> StepRecord:
     """Build `commit` (already checked out in lab.tree) and test it; never raises for faults
     that a verdict can express (skip, abort)."""
     playbook = lab.playbook
@@ -120,7 +124,7 @@ def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path)
         decision = decide([outcome], playbook.policy_map())
         return _finish(step_dir, StepRecord(
             index, commit, subject, decision.verdict, decision.reason, [outcome], durations,
-            evidence, 0, None,
+            evidence, 0, None, role=role,
         ))
 
     attempt = 0
@@ -128,6 +132,9 @@ def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path)
         attempt += 1
         pushed: dict[str, int] = {}
         outcomes = _attempt(lab, built, step_dir, timed, pushed)
+        # The console was fetched whatever happened: what the kernel said explains the outcome.
+        outcomes = judge.explain(outcomes, judge.console_findings(step_dir / "console.log"))
+        outcomes = judge.apply_signature(outcomes, playbook.signature, playbook.policy_map())
         decision: Decision = decide(
             outcomes, playbook.policy_map(), attempt=attempt, retries=playbook.policy.retries
         )
@@ -135,12 +142,14 @@ def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path)
             break
         lab.ui.warn(f"{commit[:12]}: {decision.reason}; trying again in {RETRY_PAUSE:.0f}s")
         time.sleep(RETRY_PAUSE)
-    for name in ("console.log", "reproducer.log"):
-        if (step_dir / name).exists():
-            evidence.append(rel(name))
+    for path in sorted(step_dir.glob("*.log")):
+        if path.name != "build.log":
+            evidence.append(rel(path.name))
+    if (step_dir / "commands.txt").exists():
+        evidence.append(rel("commands.txt"))
     return _finish(step_dir, StepRecord(
         index, commit, subject, decision.verdict, decision.reason, outcomes, durations,
-        evidence, attempt, built.release, pushed,
+        evidence, attempt, built.release, pushed, role,
     ))
 
 
@@ -190,6 +199,12 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                     OutcomeKind.INFRA_ERROR,
                     f"QEMU did not start (exit {started.exit_status}): {started.stderr.strip()[-300:]}",
                 )]
+            vm_started = time.monotonic()
+            if playbook.console_only:  # init is the reproducer: the console is all there is
+                with timed("reproduce"):
+                    ctx = ReproContext(None, host, step_dir, lab.ui.detail, vm=paths,
+                                       vm_started=vm_started, release=built.release)
+                    return run_reproducer(playbook.reproducers[0], ctx)
             with timed("ready", playbook.boot.timeout):
                 endpoint = GuestEndpoint(
                     target.guest.address, target.guest.port,
@@ -210,10 +225,27 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                 if wrong:
                     return [wrong]
             with timed("reproduce"):
-                ctx = ReproContext(guest, host, step_dir, lab.ui.detail)
-                return run_reproducer(playbook.reproducer, ctx)
+                return reproduce(playbook, ReproContext(guest, host, step_dir, lab.ui.detail, vm=paths,
+                                                        vm_started=vm_started, release=built.release))
         except InfraError as e:
             return [Outcome(OutcomeKind.INFRA_ERROR, str(e))]
+
+
+def reproduce(playbook, ctx: ReproContext) -> list[Outcome]:
+    """Every reproducer in order, `policy.repeats` times, stopping at the first run that is not
+    a pass (a flaky bug that showed once has shown). Every run's outcome is kept."""
+    specs = playbook.reproducers
+    runs = playbook.policy.repeats
+    outcomes: list[Outcome] = []
+    for run in range(1, runs + 1):
+        for i, spec in enumerate(specs, 1):
+            parts = ([f"run{run}"] if runs > 1 else []) + ([f"{i}-{spec.kind}"] if len(specs) > 1 else [])
+            ctx.log_name = "reproducer" + "".join(f"-{p}" for p in parts) + ".log"
+            got = run_reproducer(spec, ctx)
+            outcomes += got
+            if any(o.kind is not OutcomeKind.PASS for o in got):
+                return outcomes
+    return outcomes
 
 
 def _cleanup(host: Remote, paths, step_dir: Path, ui: UI, timed) -> None:

@@ -20,6 +20,7 @@ class OutcomeKind(str, enum.Enum):
     WRONG_KERNEL = "wrong-kernel"
     BUILD_FAILED = "build-failed"
     INFRA_ERROR = "infra-error"
+    UNRELATED = "unrelated"  # a failure, but not the one the playbook's signature bisects
 
 
 class Verdict(str, enum.Enum):
@@ -35,7 +36,9 @@ class Verdict(str, enum.Enum):
 
 
 # Outcomes that say nothing about the kernel under test: never good, never bad.
-UNTESTED = frozenset({OutcomeKind.WRONG_KERNEL, OutcomeKind.BUILD_FAILED, OutcomeKind.INFRA_ERROR})
+UNTESTED = frozenset({
+    OutcomeKind.WRONG_KERNEL, OutcomeKind.BUILD_FAILED, OutcomeKind.INFRA_ERROR, OutcomeKind.UNRELATED,
+})
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ DEFAULT_POLICY: Mapping[OutcomeKind, str] = {
     OutcomeKind.WRONG_KERNEL: "skip",
     OutcomeKind.BUILD_FAILED: "skip",
     OutcomeKind.INFRA_ERROR: "retry",
+    OutcomeKind.UNRELATED: "skip",
 }
 
 

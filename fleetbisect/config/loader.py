@@ -160,20 +160,24 @@ def _clean(loc: Loc, lines: _Lines, data: Any) -> Loc:
     for i, part in enumerate(loc):
         here = (*kept, part)
         nxt = loc[i + 1] if i + 1 < len(loc) else None
-        if here not in lines.at and nxt is not None:
-            if (*kept, nxt) in lines.at or _value(data, kept, "kind") == part:
+        if here not in lines.at:
+            node = _node(data, kept)
+            if isinstance(part, int) and not isinstance(node, list):
+                continue  # a single item the model wraps into a list
+            if nxt is not None and ((*kept, nxt) in lines.at
+                                    or (isinstance(node, dict) and node.get("kind") == part)):
                 continue
         kept.append(part)
     return tuple(kept)
 
 
-def _value(data: Any, loc: list[Any], key: str) -> Any:
+def _node(data: Any, loc: list[Any]) -> Any:
     for part in loc:
         try:
             data = data[part]
         except (KeyError, IndexError, TypeError):
             return None
-    return data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 def validate(model: type[M], data: Any, path: Path, lines: _Lines, prefix: Loc = ()) -> M:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from ..verdict import DEFAULT_POLICY, UNTESTED, OutcomeKind
@@ -56,6 +56,16 @@ class ScpStress(Strict):
     dest: str = "/tmp/fleetbisect-stress.bin"
 
 
+def _regex(p: str) -> str:
+    import re
+
+    try:
+        re.compile(p, re.MULTILINE)
+    except re.error as e:
+        raise ValueError(f"{p!r} is not a regular expression: {e}")
+    return p
+
+
 class CommandRepro(Strict):
     """Run a command (in the guest, or on the host); exit status and output decide."""
 
@@ -70,23 +80,83 @@ class CommandRepro(Strict):
     @field_validator("fail_patterns", "pass_patterns")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
-        import re
-
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"{p!r} is not a regular expression: {e}")
-        return v
+        return [_regex(p) for p in v]
 
 
-Reproducer = Annotated[Union[ScpStress, CommandRepro], Field(discriminator="kind")]
+class DmesgRepro(Strict):
+    """Read the kernel log in the guest (after an optional trigger command); a kernel report
+    of one of `fail_kinds` (see console.py), or a line matching `fail_patterns`, fails."""
+
+    kind: Literal["dmesg"]
+    trigger: str | None = None  # e.g. a workload that provokes the WARNING
+    command: str = "dmesg"
+    timeout: Seconds = 60.0
+    fail_kinds: list[Literal["panic", "oops", "warning", "hung-task", "soft-lockup", "hard-lockup",
+                             "rcu-stall"]] = Field(
+        default_factory=lambda: ["panic", "oops", "warning", "hung-task", "soft-lockup",
+                                 "hard-lockup", "rcu-stall"])
+    fail_patterns: list[str] = Field(default_factory=list)
+
+    @field_validator("fail_patterns")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        return [_regex(p) for p in v]
+
+
+class BootTime(Strict):
+    """The kernel must start userspace (`Run /init as init process` in the kernel log) within
+    `max` seconds of its own clock; later is a failure, as in a boot-time regression."""
+
+    kind: Literal["boot-time"]
+    max: Seconds
+    timeout: Seconds = 30.0
+
+
+class ConsoleRepro(Strict):
+    """Init as the reproducer: the guest runs it as PID 1 with no network, it prints a verdict
+    line on the serial console and powers off. Nothing is reached over SSH: the console is all.
+    The first line matching `fail` or `pass` decides; neither before `timeout` is a hang."""
+
+    kind: Literal["console"]
+    pass_pattern: str = r"^FLEETBISECT-RESULT: PASS"
+    fail_pattern: str = r"^FLEETBISECT-RESULT: FAIL"
+    timeout: Seconds = 120.0  # from QEMU start
+
+    @field_validator("pass_pattern", "fail_pattern")
+    @classmethod
+    def _regexes(cls, v: str) -> str:
+        return _regex(v)
+
+
+Reproducer = Annotated[
+    Union[ScpStress, CommandRepro, DmesgRepro, BootTime, ConsoleRepro], Field(discriminator="kind")
+]
+
+
+class Signature(Strict):
+    """The failure this bisect is about. A step that fails some other way (another crash, a
+    boot failure) is `unrelated`: skipped, so an unrelated bug cannot steer the search."""
+
+    outcomes: list[Literal["fail", "hang", "boot-failed"]] = Field(default_factory=list)
+    pattern: str | None = None  # searched in the kernel reports the step found (title, trace)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        return None if v is None else _regex(v)
 
 
 class Policy(Strict):
     """Outcome → action. The untested outcomes can never be good or bad."""
 
     retries: int = Field(default=2, ge=0, le=10)  # attempts again after an infrastructure fault
+    # Runs of the reproducers per step (a flaky bug): stop at the first that is not a pass.
+    repeats: int = Field(default=1, ge=1, le=100)
+    # Test the endpoints first: a good end that fails or a bad end that passes stops the run.
+    check_endpoints: bool = True
+    # After the search, retest the culprit (must be bad) and its parent (must be good) this
+    # many times each; 0 trusts the search.
+    confirm: int = Field(default=1, ge=0, le=10)
     outcomes: dict[OutcomeKind, Literal["good", "bad", "skip", "retry", "abort"]] = Field(default_factory=dict)
 
     @field_validator("outcomes")
@@ -101,6 +171,15 @@ class Policy(Strict):
         return v
 
 
+class Hooks(Strict):
+    """Shell commands run on events; the event is in FLEETBISECT_* environment variables."""
+
+    start: list[str] = Field(default_factory=list)
+    verdict: list[str] = Field(default_factory=list)
+    finish: list[str] = Field(default_factory=list)
+    failure: list[str] = Field(default_factory=list)
+
+
 class Playbook(Strict):
     name: str
     description: str = ""
@@ -109,8 +188,11 @@ class Playbook(Strict):
     push: Push = Field(default_factory=Push)
     boot: Boot = Field(default_factory=Boot)
     verify: Verify = Field(default_factory=Verify)
-    reproducer: Reproducer
+    # One reproducer, or several run in order in the same boot (e.g. boot-time, then scp-stress).
+    reproducer: Annotated[list[Reproducer], BeforeValidator(lambda v: [v] if isinstance(v, dict) else v)]
+    signature: Signature | None = None
     policy: Policy = Field(default_factory=Policy)
+    hooks: Hooks = Field(default_factory=Hooks)
     digest: SkipJsonSchema[str] = ""  # sha256 of the file, filled in by the loader
 
     @field_validator("artifacts")
@@ -125,6 +207,24 @@ class Playbook(Strict):
             if rel.startswith("/") or ".." in Path(rel).parts:
                 raise ValueError(f"{rel!r}: artifacts are paths inside the tree")
         return v
+
+    @field_validator("reproducer")
+    @classmethod
+    def _console_alone(cls, v):
+        if not v:
+            raise ValueError("needs at least one reproducer")
+        if len(v) > 1 and any(r.kind == "console" for r in v):
+            raise ValueError("a console reproducer is the whole boot: it cannot be combined")
+        return v
+
+    @property
+    def reproducers(self) -> list:
+        return list(self.reproducer)
+
+    @property
+    def console_only(self) -> bool:
+        """The guest is never reached over SSH: init is the reproducer."""
+        return self.reproducers[0].kind == "console"
 
     @property
     def push_timeout(self) -> float:

@@ -28,7 +28,7 @@ def judge(spec, exit_status: int, output: str) -> Outcome:
 
 def run(spec, ctx: ReproContext) -> list[Outcome]:
     where = ctx.guest if spec.where == "guest" else ctx.host
-    log_path = ctx.step_dir / "reproducer.log"
+    log_path = ctx.log_path
     try:
         res = where.run(spec.command, deadline=Deadline.after(spec.timeout))
     except CommandTimedOut as e:
@@ -39,4 +39,4 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
         return [guest_lost(ctx, f"command lost its connection: {e}", OutcomeKind.FAIL, {})]
     log_path.write_text(f"$ {spec.command}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}\n")
     out = judge(spec, res.exit_status, res.stdout + res.stderr)
-    return [Outcome(out.kind, out.summary, out.details, ("reproducer.log",))]
+    return [Outcome(out.kind, out.summary, out.details, (ctx.log_name,))]

@@ -41,7 +41,7 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
     block = os.urandom(BLOCK)
     iterations = []
     total = 0
-    log_path = ctx.step_dir / "reproducer.log"
+    log_path = ctx.log_path
     with open(log_path, "w") as log:
 
         def record(entry: dict) -> None:
@@ -83,5 +83,5 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
         OutcomeKind.PASS,
         f"{spec.iterations} transfers, {total / 1e6:.1f} MB in all",
         {"iterations": iterations, "bytes_total": total},
-        ("reproducer.log",),
+        (ctx.log_name,),
     )]

@@ -26,8 +26,8 @@ def test_good_commit_passes_and_an_unchanged_artifact_is_not_sent_again(
     assert rec.verdict is Verdict.GOOD, rec.reason
     assert [o.kind for o in rec.outcomes] == [OutcomeKind.PASS]
     iterations = rec.outcomes[0].details["iterations"]
-    assert len(iterations) == playbook.reproducer.iterations
-    assert all(i["bytes"] == playbook.reproducer.size for i in iterations)
+    assert len(iterations) == playbook.reproducers[0].iterations
+    assert all(i["bytes"] == playbook.reproducers[0].size for i in iterations)
     assert set(rec.durations) >= {"build", "push", "boot", "ready", "reproduce", "cleanup"}
     # The guest proved it runs this very build.
     assert rec.release.endswith(f"-fb{lab_repo.shas[3][:12]}")
@@ -53,7 +53,7 @@ def test_seeded_regression_is_a_hang_caught_by_the_transfer_timeout(
     assert "stalled" in hang.summary
     iterations = hang.details["iterations"]
     assert iterations[-1]["timed_out"] is True
-    assert len(iterations) < playbook.reproducer.iterations
+    assert len(iterations) < playbook.reproducers[0].iterations
 
 
 def test_build_failure_is_a_skip(tree, host_cfg, playbook_variant, lab_repo, tmp_path):

@@ -65,8 +65,8 @@ def test_sizes(text, size):
 
 def test_the_shipped_files_load():
     pb = load_playbook(ROOT / "playbooks" / "scp-stress.yaml")
-    assert pb.reproducer.kind == "scp-stress" and pb.reproducer.size == 1 << 30
-    assert pb.reproducer.iterations == 15 and pb.reproducer.timeout == 120.0
+    assert pb.reproducers[0].kind == "scp-stress" and pb.reproducers[0].size == 1 << 30
+    assert pb.reproducers[0].iterations == 15 and pb.reproducers[0].timeout == 120.0
     assert len(pb.digest) == 64
     lab = load_playbook(lab_playbook())
     assert set(lab.artifacts) == {"kernel", "initrd"}
