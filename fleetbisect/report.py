@@ -60,6 +60,7 @@ class Report:
         log = self.run_dir / "bisect.log"
         data_md = dict(data, bisect_log_text=log.read_text() if log.exists() else "")
         write_atomic(self.run_dir / "report.md", render_markdown(data_md))
+        write_atomic(self.run_dir / "report.html", render_html(data_md))
         return write_json_atomic(self.run_dir / "report.json", data)
 
 
@@ -94,6 +95,56 @@ def render_markdown(data: dict) -> str:
 
 
 STAGES = ("build", "push", "boot", "ready", "reproduce", "cleanup")
+COLOURS = {"build": "#8da0cb", "push": "#66c2a5", "boot": "#fc8d62", "ready": "#e78ac3",
+           "reproduce": "#a6d854", "cleanup": "#b3b3b3"}
+VERDICT_COLOURS = {"good": "#1a9850", "bad": "#d73027", "skip": "#999999", "abort": "#000000"}
+
+
+def render_html(data: dict) -> str:
+    """report.html: the same facts, with a timeline of the steps (stage durations as bars)."""
+    from html import escape as h
+
+    longest = max((sum(s["durations"].values()) for s in data["steps"]), default=1.0) or 1.0
+    rows = []
+    for s in data["steps"]:
+        bars = "".join(
+            f'<span class="bar" style="width:{100 * s["durations"][k] / longest:.2f}%;background:{COLOURS[k]}" '
+            f'title="{k} {s["durations"][k]:.1f}s"></span>'
+            for k in STAGES if s["durations"].get(k)
+        )
+        ev = " ".join(f'<a href="{h(e)}">{h(Path(e).name)}</a>' for e in s["evidence"])
+        role = "" if s.get("role", "bisect") == "bisect" else f' <em>({h(s["role"])})</em>'
+        rows.append(
+            f'<tr><td>{s["index"]}</td><td><code>{s["commit"][:12]}</code> {h(s["subject"])}{role}</td>'
+            f'<td style="color:{VERDICT_COLOURS.get(s["verdict"], "#000")}"><b>{s["verdict"]}</b></td>'
+            f'<td>{h(s["reason"])}</td><td class="tl">{bars}</td>'
+            f'<td>{sum(s["durations"].values()):.0f}s</td><td>{ev}</td></tr>'
+        )
+    if data["culprit"]:
+        head = f'First bad commit: <code>{data["culprit"]}</code> {h(data.get("culprit_subject") or "")}'
+    else:
+        head = f'{h(data["status"])}'
+    legend = " ".join(f'<span class="bar" style="width:1em;background:{c}"></span> {k}' for k, c in COLOURS.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fleetbisect run on {h(data["host"])}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; width: 100%; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }}
+td.tl {{ width: 35%; }} .bar {{ display: inline-block; height: 1em; }}
+pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; }}
+</style></head><body>
+<h1>{head}</h1>
+<p>{h(data["message"] or "")}</p>
+<p>repository <code>{h(data["repo"])}</code>, good <code>{data["good"][:12]}</code>,
+bad <code>{data["bad"][:12]}</code>, host {h(data["host"])}, playbook <code>{h(data["playbook"])}</code>;
+started {h(data["started"])}, {data["elapsed"]:.0f}s, {len(data["steps"])} steps.</p>
+<p>{legend}</p>
+<table><tr><th>#</th><th>commit</th><th>verdict</th><th>why</th><th>timeline</th><th>time</th><th>evidence</th></tr>
+{chr(10).join(rows)}
+</table>
+<h2>git bisect log</h2><pre>{h(data.get("bisect_log_text", ""))}</pre>
+</body></html>
+"""
 
 
 def load(run_dir: Path) -> dict:

@@ -9,8 +9,7 @@ import pytest
 
 from fleetbisect.config.playbook import load_playbook
 from fleetbisect.remote.fake import FakeRemote
-from fleetbisect.reproducers import ReproContext
-from fleetbisect.reproducers import boot_time, console, dmesg
+from fleetbisect.reproducers import ReproContext, boot_time, console, dmesg
 from fleetbisect.stages import judge
 from fleetbisect.step import reproduce
 from fleetbisect.verdict import DEFAULT_POLICY, Outcome, OutcomeKind
