@@ -196,13 +196,13 @@ def print_result(report, ui: UI) -> int:
 
 def cmd_step(args, ui: UI) -> int:
     from .search.gitbisect import resolve, subject
-    from .step import Lab, test_commit
+    from .step import Lab, run_step
 
     host, playbook = _load(args)
     repo = args.repo.resolve()
     commit = resolve(repo, "HEAD")
     evidence = args.evidence_dir or state_dir() / "steps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{commit[:12]}"
-    record = test_commit(
+    record = run_step(
         Lab(repo, host, playbook, ui), 1, commit, subject(repo, commit), evidence / "steps" / commit[:12]
     )
     ui.info(f"{commit[:12]}: {record.verdict.value} ({record.reason}); evidence in {evidence}")

@@ -26,7 +26,7 @@ from .lease import Lease, LeaseKeeper
 from .remote.base import RemoteError
 from .report import Report
 from .search.gitbisect import Bisect, git, resolve, subject
-from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, test_commit
+from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, run_step
 from .ui import UI, log_to_file
 from .verdict import Verdict
 
@@ -322,7 +322,7 @@ def _test(lab: Lab, journal: Journal, report: Report, commit: str, run_dir: Path
     ui.step(f"step {index}{what}: {commit[:12]} {subj}")
     journal.append("step-started", index=index, commit=commit, role=role)
     ui.event("step-started", index=index, commit=commit, subject=subj, left=bisect_left, role=role)
-    record = test_commit(lab, index, commit, subj, run_dir / "steps" / f"{index:03d}-{commit[:12]}", role)
+    record = run_step(lab, index, commit, subj, run_dir / "steps" / f"{index:03d}-{commit[:12]}", role)
     journal.append("step-finished", record=record.to_json())
     ui.event("step-finished", index=index, commit=commit, verdict=record.verdict.value,
              reason=record.reason, durations=record.durations)

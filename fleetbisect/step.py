@@ -105,7 +105,7 @@ class _Timer:
             self.ui.event("stage-finished", stage=stage, seconds=round(took, 3))
 
 
-def test_commit(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
+def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
                 role: str = "bisect") -> StepRecord:
     """Build `commit` (already checked out in lab.tree) and test it; never raises for faults
     that a verdict can express (skip, abort)."""

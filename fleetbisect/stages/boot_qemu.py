@@ -54,7 +54,7 @@ def qemu_argv(target, boot, *, kernel: str, initrd: str | None, paths: VMPaths) 
         *accel_args(target.accel),
         "-m", str(boot.memory),
         "-smp", str(boot.cpus),
-        "-nographic", "-no-reboot",
+        "-display", "none", "-no-reboot",  # -nographic cannot be combined with -daemonize
         "-serial", f"file:{paths.console}",
         "-monitor", "none",
         "-kernel", kernel,

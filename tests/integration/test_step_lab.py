@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from fleetbisect.step import Lab, test_commit
+from fleetbisect.step import Lab, run_step
 from fleetbisect.ui import UI
 from fleetbisect.verdict import OutcomeKind, Verdict
 
@@ -15,7 +15,7 @@ from .conftest import BUILD_FAILS, CULPRIT, NO_SSH
 def step(tree, host_cfg, playbook, sha, tmp_path, name="s"):
     tree.checkout(sha)
     lab = Lab(tree.path, host_cfg, playbook, UI(quiet=True))
-    return lab, test_commit(lab, 1, sha, "subject", tmp_path / "steps" / name)
+    return lab, run_step(lab, 1, sha, "subject", tmp_path / "steps" / name)
 
 
 def test_good_commit_passes_and_an_unchanged_artifact_is_not_sent_again(
@@ -37,7 +37,7 @@ def test_good_commit_passes_and_an_unchanged_artifact_is_not_sent_again(
     assert result["verdict"] == "good"
 
     # Same commit again: the kernel is unchanged, so it costs no transfer.
-    rec2 = test_commit(lab, 2, lab_repo.shas[3], "subject", tmp_path / "steps" / "b")
+    rec2 = run_step(lab, 2, lab_repo.shas[3], "subject", tmp_path / "steps" / "b")
     assert rec2.verdict is Verdict.GOOD
     assert "kernel" not in rec2.pushed
 
