@@ -86,6 +86,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--commits", type=int, default=210, help="commits in the generated repo")
     p.add_argument("--seed", type=int, help="seed of the generated repo (default: random)")
 
+    p = sub.add_parser("initramfs", help="build an init-as-reproducer initramfs (for the console reproducer)")
+    isub = p.add_subparsers(dest="initramfs_command", required=True, metavar="ACTION")
+    b = isub.add_parser("build", help="pack REPRO (a program or script) with busybox and an /init that runs it")
+    b.add_argument("repro", type=Path, metavar="REPRO")
+    b.add_argument("-o", "--output", type=Path, required=True, help="the initramfs to write")
+    b.add_argument("--timeout", type=int, default=600, help="seconds the reproducer may run (default 600)")
+    b.add_argument("--file", action="append", type=Path, default=[], dest="files",
+                   help="another program the reproducer needs, installed in /usr/bin (repeatable)")
+
     p = sub.add_parser("schema", help="print the JSON schema of inventory or playbook files")
     p.add_argument("kind", choices=("inventory", "playbook"))
     return ap
@@ -239,6 +248,14 @@ def cmd_status(args, ui: UI) -> int:
     return 0
 
 
+def cmd_initramfs(args, ui: UI) -> int:
+    from .initramfs import build_reproducer_image
+
+    out = build_reproducer_image(args.repro, args.output, timeout=args.timeout, files=args.files)
+    ui.info(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): boot it with a `console` reproducer playbook")
+    return 0
+
+
 def cmd_schema(args, ui: UI) -> int:
     import json
 
@@ -250,7 +267,7 @@ def cmd_schema(args, ui: UI) -> int:
     return 0
 
 
-COMMANDS = {"schema": cmd_schema, "run": cmd_run, "resume": cmd_resume, "report": cmd_report, "status": cmd_status, "step": cmd_step, "check": cmd_check, "demo": cmd_demo}
+COMMANDS = {"schema": cmd_schema, "initramfs": cmd_initramfs, "run": cmd_run, "resume": cmd_resume, "report": cmd_report, "status": cmd_status, "step": cmd_step, "check": cmd_check, "demo": cmd_demo}
 
 
 if __name__ == "__main__":
