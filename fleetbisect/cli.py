@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, help="where the lab and the run go (default: state dir)")
     p.add_argument("--commits", type=int, default=210, help="commits in the generated repo")
     p.add_argument("--seed", type=int, help="seed of the generated repo (default: random)")
+    p.add_argument("--scenario", default="net-hang",
+                   choices=("net-hang", "panic", "oops-warning", "boot-slow", "console"),
+                   help="which regression the lab seeds (default: net-hang)")
 
     p = sub.add_parser("initramfs", help="build an init-as-reproducer initramfs (for the console reproducer)")
     isub = p.add_subparsers(dest="initramfs_command", required=True, metavar="ACTION")
@@ -229,7 +232,7 @@ def cmd_demo(args, ui: UI) -> int:
     from .lab.demo import demo
 
     base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    return demo(base, ui, commits=args.commits, seed=args.seed)
+    return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario)
 
 
 def cmd_report(args, ui: UI) -> int:

@@ -90,8 +90,26 @@ def render_markdown(data: dict) -> str:
         role = "" if s.get("role", "bisect") == "bisect" else f" ({s['role']})"
         out.append(f"| {s['index']} | `{s['commit'][:12]}` {s['subject']}{role} | {s['verdict']} | {reason} | "
                    f"{durs} | {ev} |")
+    out += _culprit_evidence(data)
     out += ["", "## git bisect log", "", "```", data.get("bisect_log_text", "").rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _culprit_evidence(data: dict) -> list[str]:
+    """What the culprit did, in the kernel's own words: outcomes and the console lines behind them."""
+    steps = [s for s in data["steps"] if data["culprit"] and s["commit"] == data["culprit"]]
+    if not steps:
+        return []
+    s = steps[0]
+    out = ["", f"## What {data['culprit'][:12]} did", ""]
+    for o in s["outcomes"]:
+        out.append(f"- **{o['kind']}**: {o['summary']}")
+    for o in s["outcomes"]:
+        for f in [*o.get("details", {}).get("console", ()), *o.get("details", {}).get("findings", ())][:1]:
+            where = "console.log" if f in o.get("details", {}).get("console", ()) else "the kernel log"
+            out += ["", f"{f['kind']} `{f['title']}` ({where}, line {f['line']}):", "", "```",
+                    *f.get("lines", [])[:40], "```"]
+    return out
 
 
 STAGES = ("build", "push", "boot", "ready", "reproduce", "cleanup")

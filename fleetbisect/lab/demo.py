@@ -64,7 +64,7 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct") -> Pa
     return path
 
 
-def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None) -> int:
+def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang") -> int:
     from .image import ensure_assets
     from .kernelrepo import generate_repo
     from .vmhost import LabHost
@@ -73,12 +73,12 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None) -> 
     seed = seed if seed is not None else random.randrange(1 << 30)
     ui.step("lab: preparing the guest kernel and initramfs (cached after the first time)")
     assets = ensure_assets()
-    ui.step(f"lab: generating a kernel repo of {commits} commits (seed {seed})")
-    repo = generate_repo(base / "linux", assets, commits=commits, seed=seed)
+    ui.step(f"lab: generating a kernel repo of {commits} commits (scenario {scenario}, seed {seed})")
+    repo = generate_repo(base / "linux", assets, commits=commits, seed=seed, scenario=scenario)
     with LabHost.start(base / "host", name="lab-host") as host:
         ui.step(f"lab: VM host lab-host is sshd on 127.0.0.1:{host.port}")
         inventory = write_lab_inventory(base / "inventory.yaml", [host], assets)
-        playbook_path = lab_playbook("net-hang")
+        playbook_path = lab_playbook(scenario)
         host_cfg = load_inventory([inventory]).host("lab-host")
         playbook = load_playbook(playbook_path)
         report = start_run(

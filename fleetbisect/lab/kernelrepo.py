@@ -18,8 +18,7 @@ the guest runs at boot. From the culprit on, depending on the scenario:
 - panic:        the guest crashes itself through sysrq at boot: a kernel panic on the console.
 - oops-warning: a kernel WARNING (with its cut-here block and call trace) lands in the kernel
                 log, found by the `dmesg` reproducer.
-- boot-slow:    the initramfs grows by tens of MB of incompressible data, so the kernel reaches
-                userspace later (it unpacks the initramfs first), caught by `boot-time`.
+- boot-slow:    the guest comes up seconds later (a probe waits at boot), caught by `boot-time`.
 - console:      the init-as-reproducer prints FAIL instead of PASS on the console.
 
 Extra seeded commits make a real bisect's life harder, as real trees do: a commit whose build
@@ -74,7 +73,7 @@ initramfs.img: FORCE
     @rm -rf .overlay && mkdir .overlay && cp -a overlay/. .overlay/
     @mkdir -p .overlay/etc/fleetbisect && echo "$(RELEASE)" > .overlay/etc/fleetbisect/release
     @cd .overlay && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -n > ../.overlay.cpio.gz
-    @cat lab/base-initramfs.img .overlay.cpio.gz $(wildcard lab/ballast.img) > $@.tmp && mv $@.tmp $@
+    @cat lab/base-initramfs.img .overlay.cpio.gz > $@.tmp && mv $@.tmp $@
     @rm -rf .overlay .overlay.cpio.gz
     @echo "  GEN     $@ ($(RELEASE))"
 """
@@ -152,7 +151,11 @@ sync
 poweroff -f
 """
 
-BALLAST_MB = 48  # boot-slow: incompressible initramfs payload the kernel must unpack first
+SLOW_HOOK = """#!/bin/sh
+# virtio_net: wait for link negotiation at probe (seeded regression: boot takes {seconds}s longer)
+sleep {seconds}
+"""
+SLOW_SECONDS = 6
 
 
 @dataclass
@@ -258,25 +261,14 @@ def _seed(scenario: str, path: Path, hooks: Path, net_budget_mb: int, subsystem:
         return ("net: sched: arm the tx watchdog before the queue starts",
                 "Start the watchdog timer as soon as the device is registered." + trailer)
     if scenario == "boot-slow":
-        (path / "lab" / "ballast.img").write_bytes(_ballast())
-        return ("x86: embed the full microcode bundle in the boot image",
-                "Ship every microcode blob so early loading never misses one." + trailer)
+        _hook(hooks / "50-link-wait", SLOW_HOOK.format(seconds=SLOW_SECONDS))
+        return ("virtio_net: wait for link negotiation before registering",
+                "Some switches take a while to negotiate; do not register a dead link." + trailer)
     if scenario == "console":
         (path / "overlay" / "etc" / "fleetbisect" / "regressed").write_text("seeded\n")
         return ("mm: reuse freed pages before they are zeroed",
                 "Skip the zeroing pass on the hot path." + trailer)
     raise AssertionError(scenario)
-
-
-def _ballast() -> bytes:
-    """A gzip'd cpio holding incompressible data: the kernel unpacks it before running init."""
-    from .cpio import CpioWriter
-
-    img = CpioWriter()
-    img.add_file("usr/lib/firmware/microcode.bin", random.Random(0).randbytes(BALLAST_MB << 20))
-    import gzip
-
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
 def _hook(path: Path, text: str) -> None:

@@ -49,13 +49,15 @@ def test_dmesg_fail_kinds_can_leave_warnings_alone(tmp_path):
     assert dmesg.judge(spec, WARNING).kind is OutcomeKind.PASS
 
 
-@pytest.mark.parametrize("dmesg_text,uptime,kind,seconds", [
-    ("[    1.650000] Run /init as init process\n", "9.0 1.0", OutcomeKind.PASS, 1.65),
-    ("[    4.200000] Run /sbin/init as init process\n", "9.0 1.0", OutcomeKind.FAIL, 4.2),
-    ("no timestamps here\n", "2.50 1.0", OutcomeKind.PASS, 2.5),
+@pytest.mark.parametrize("measure,dmesg_text,uptime,kind,seconds", [
+    ("init", "[    1.650000] Run /init as init process\n", "9.0 1.0", OutcomeKind.PASS, 1.65),
+    ("init", "[    4.200000] Run /sbin/init as init process\n", "1.0 1.0", OutcomeKind.FAIL, 4.2),
+    ("init", "no timestamps here\n", "2.50 1.0", OutcomeKind.PASS, 2.5),
+    ("uptime", "[    1.650000] Run /init as init process\n", "9.00 1.0", OutcomeKind.FAIL, 9.0),
+    ("uptime", "", "2.75 1.0", OutcomeKind.PASS, 2.75),
 ])
-def test_boot_time(tmp_path, dmesg_text, uptime, kind, seconds):
-    spec = playbook(tmp_path, "reproducer: {kind: boot-time, max: 3s}").reproducers[0]
+def test_boot_time(tmp_path, measure, dmesg_text, uptime, kind, seconds):
+    spec = playbook(tmp_path, f"reproducer: {{kind: boot-time, max: 3s, measure: {measure}}}").reproducers[0]
     out = boot_time.judge(spec, dmesg_text, uptime)
     assert out.kind is kind and out.details["seconds"] == seconds
 
