@@ -34,6 +34,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from .image import LabAssets
 
 SCENARIOS = ("net-hang", "panic", "oops-warning", "boot-slow", "console")
@@ -181,19 +182,21 @@ def generate_repo(
     scenario: str = "net-hang",
 ) -> LabRepo:
     if scenario not in SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
+        raise UserError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
     if commits < 8:
-        raise ValueError("a lab repo needs at least 8 commits")
+        raise UserError("a lab repo needs at least 8 commits")
     rng = random.Random(seed)
     if culprit is None:
         culprit = rng.randrange(commits * 3 // 10, commits * 8 // 10)
     if not 0 < culprit < commits - 1:
         raise ValueError("the culprit must be strictly inside the range")
+    # Away from the culprit, so that skipping them never leaves the answer ambiguous.
     far = [i for i in range(2, commits - 2) if abs(i - culprit) > 3]
     if build_fails is None:
-        build_fails = [rng.choice(far)]
+        build_fails = [rng.choice(far)] if far else []
     if no_ssh is None:
-        no_ssh = [rng.choice([i for i in far if all(abs(i - b) > 1 for b in build_fails)])]
+        spare = [i for i in far if all(abs(i - b) > 1 for b in build_fails)]
+        no_ssh = [rng.choice(spare)] if spare else []
 
     path = Path(path)
     path.mkdir(parents=True)

@@ -110,87 +110,6 @@ def test_git_bisect_run_with_step(lab_repo, inventory_file, lab_host, playbook_v
         git(lab_repo.path, "worktree", "remove", "--force", str(wt))
 
 
-class ConnectionCounter:
-    """A listener that counts who connects: proof that nothing touched a host."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.count = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.count += 1
-            conn.close()
-
-    def close(self):
-        self.sock.close()
-
-
-def test_bad_inventory_names_file_line_and_field_and_touches_no_host(tmp_path, lab_repo):
-    counter = ConnectionCounter()
-    try:
-        inv = tmp_path / "inventory"
-        inv.mkdir()
-        (inv / "prime-radiant.yaml").write_text(
-            "hosts:\n"
-            "  prime-radiant:\n"
-            "    ssh:\n"
-            "      address: 127.0.0.1\n"
-            f"      port: {counter.port}\n"
-            "    work_dir: /var/tmp/fb\n"
-            "    target:\n"
-            "      kind: qemu\n"
-            "      guest:\n"
-            "        port: 70000\n"
-            "        user: root\n"
-            "        key: /nonexistent\n"
-            "        host_key: /nonexistent.pub\n"
-        )
-        p = fleetbisect(
-            "run", "--host", "prime-radiant", "--playbook", "playbooks/scp-stress.yaml",
-            "--inventory", str(inv), "--repo", str(lab_repo.path), "--good", lab_repo.good,
-            "--bad", lab_repo.bad, "--run-dir", str(tmp_path / "run"),
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-        )
-        assert p.returncode == 2
-        assert f"{inv / 'prime-radiant.yaml'}:10 hosts.prime-radiant.target.guest.port" in p.stderr
-        assert "Traceback" not in p.stderr
-        assert counter.count == 0
-        assert not (tmp_path / "run").exists()
-    finally:
-        counter.close()
-
-
-def test_check_probes_the_host(inventory_file, lab_host, playbook_variant):
-    _, playbook = playbook_variant()
-    p = fleetbisect("check", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inventory_file))
-    assert p.returncode == 0, p.stdout + p.stderr
-    out = p.stdout + p.stderr
-    for probe in ("ssh", "qemu", "work dir", "disk"):
-        assert probe in out
-
-
-def test_check_refuses_an_unknown_host_key(inventory_file, lab_host, playbook_variant, tmp_path):
-    _, playbook = playbook_variant()
-    empty = tmp_path / "known_hosts"
-    empty.write_text("")
-    inv = tmp_path / "inv.yaml"
-    inv.write_text(inventory_file.read_text().replace(str(lab_host.known_hosts), str(empty)))
-    p = fleetbisect("check", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv))
-    assert p.returncode != 0
-    assert "host key" in (p.stdout + p.stderr).lower()
-    assert "Traceback" not in p.stderr
-
-
 class Relay:
     """A loopback port in front of the lab sshd that relays the first `allow` connections and
     drops every later one: a host that dies in the middle of a run, while the connections it
@@ -233,6 +152,62 @@ class Relay:
 
     def close(self):
         self.sock.close()
+
+
+def test_bad_inventory_names_file_line_and_field_and_touches_no_host(tmp_path, lab_repo, lab_host):
+    counter = Relay(lab_host.port, allow=0)  # counts who connects: proof that nothing touched a host
+    try:
+        inv = tmp_path / "inventory"
+        inv.mkdir()
+        (inv / "prime-radiant.yaml").write_text(
+            "hosts:\n"
+            "  prime-radiant:\n"
+            "    ssh:\n"
+            "      address: 127.0.0.1\n"
+            f"      port: {counter.port}\n"
+            "    work_dir: /var/tmp/fb\n"
+            "    target:\n"
+            "      kind: qemu\n"
+            "      guest:\n"
+            "        port: 70000\n"
+            "        user: root\n"
+            "        key: /nonexistent\n"
+            "        host_key: /nonexistent.pub\n"
+        )
+        p = fleetbisect(
+            "run", "--host", "prime-radiant", "--playbook", "playbooks/scp-stress.yaml",
+            "--inventory", str(inv), "--repo", str(lab_repo.path), "--good", lab_repo.good,
+            "--bad", lab_repo.bad, "--run-dir", str(tmp_path / "run"),
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        )
+        assert p.returncode == 2
+        assert f"{inv / 'prime-radiant.yaml'}:10 hosts.prime-radiant.target.guest.port" in p.stderr
+        assert "Traceback" not in p.stderr
+        assert counter.accepted == 0
+        assert not (tmp_path / "run").exists()
+    finally:
+        counter.close()
+
+
+def test_check_probes_the_host(inventory_file, lab_host, playbook_variant):
+    _, playbook = playbook_variant()
+    p = fleetbisect("check", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inventory_file))
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    for probe in ("ssh", "qemu", "work dir", "disk"):
+        assert probe in out
+
+
+def test_check_refuses_an_unknown_host_key(inventory_file, lab_host, playbook_variant, tmp_path):
+    _, playbook = playbook_variant()
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(inventory_file.read_text().replace(str(lab_host.known_hosts), str(empty)))
+    p = fleetbisect("check", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv))
+    assert p.returncode != 0
+    assert "host key" in (p.stdout + p.stderr).lower()
+    assert "Traceback" not in p.stderr
 
 
 def relayed_inventory(inventory_file, lab_host, relay, tmp_path):

@@ -22,7 +22,7 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_demo_scenario_finds_its_seeded_culprit(scenario, assets, tmp_path):
-    p = subprocess.run([*FB, "demo", "--scenario", scenario, "--commits", "12", "--seed", "5",
+    p = subprocess.run([*FB, "demo", "--scenario", scenario, "--commits", "16", "--seed", "5",
                         "--dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     seeded = subprocess.run(["git", "-C", str(tmp_path / "linux"), "log", "--format=%H",
