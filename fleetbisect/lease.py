@@ -8,6 +8,7 @@ lease back at once.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import socket
 import threading
@@ -17,16 +18,17 @@ from .deadline import Deadline
 from .errors import UserError
 from .remote.base import Remote
 
-# $1 lease file, $2 run id, $3 ttl seconds, $4 holder description. Prints one status line.
+# $1 lease file, $2 run id, $3 ttl seconds, $4 holder ("controller-host:pid"), $5 the run id
+# of a lease known to be dead (its controller is gone), taken over before expiry. Prints a status.
 _ACQUIRE = r"""
-f=$1; id=$2; ttl=$3; who=$4
+f=$1; id=$2; ttl=$3; who=$4; dead=${5:-}
 mkdir -p "$(dirname "$f")" || exit 2
 exec 9>>"$f.lock" || exit 2
 flock -w 10 9 || { echo "busy"; exit 3; }
 now=$(date +%s)
 if [ -s "$f" ]; then
   read -r owner exp holder < "$f"
-  if [ "$owner" != "$id" ] && [ "${exp:-0}" -gt "$now" ]; then
+  if [ "$owner" != "$id" ] && [ "$owner" != "$dead" ] && [ "${exp:-0}" -gt "$now" ]; then
     echo "held $owner $exp $holder"; exit 3
   fi
   [ "$owner" != "$id" ] && echo "took-over $owner $exp $holder"
@@ -47,6 +49,20 @@ class LeaseHeld(UserError):
     pass
 
 
+def _dead_here(holder: str) -> bool:
+    """True when `holder` ("host:pid") names a process on this machine that no longer runs."""
+    name, _, pid = holder.rpartition(":")
+    if name != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @dataclass
 class Lease:
     host: Remote
@@ -59,13 +75,19 @@ class Lease:
         return cls(host, posixpath.join(work_dir, "lease"), run_id, ttl)
 
     def acquire(self) -> str | None:
-        """Take or renew the lease; returns a note when a stale lease was taken over."""
-        who = f"{socket.gethostname()}"
-        res = self.host.run(
-            ["sh", "-c", _ACQUIRE, "sh", self.path, self.run_id, str(self.ttl), who],
-            deadline=Deadline.after(30),
-        )
+        """Take or renew the lease; returns a note when a stale lease was taken over.
+
+        A lease held by a controller on this machine whose process is gone (a run killed with
+        SIGKILL, then not resumed) is taken over at once rather than after its expiry."""
+        res = self._try()
         lines = res.stdout.strip().splitlines()
+        why = "expired"
+        if res.exit_status == 3 and lines and lines[-1].startswith("held"):
+            _, owner, exp, *holder = lines[-1].split()
+            if holder and _dead_here(holder[0]):
+                res = self._try(dead=owner)
+                lines = res.stdout.strip().splitlines()
+                why = "dead (its controller is gone)"
         if res.exit_status == 3 and lines and lines[-1].startswith("held"):
             _, owner, exp, *holder = lines[-1].split()
             raise LeaseHeld(
@@ -78,8 +100,15 @@ class Lease:
         for line in lines:
             if line.startswith("took-over"):
                 _, owner, exp, *holder = line.split()
-                return f"took over the expired lease of run {owner} ({' '.join(holder)}) on {self.host.name}"
+                return f"took over the {why} lease of run {owner} ({' '.join(holder)}) on {self.host.name}"
         return None
+
+    def _try(self, dead: str = ""):
+        who = f"{socket.gethostname()}:{os.getpid()}"
+        return self.host.run(
+            ["sh", "-c", _ACQUIRE, "sh", self.path, self.run_id, str(self.ttl), who, dead],
+            deadline=Deadline.after(30),
+        )
 
     def release(self) -> None:
         self.host.run(["sh", "-c", _RELEASE, "sh", self.path, self.run_id], deadline=Deadline.after(30))

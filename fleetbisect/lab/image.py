@@ -1,6 +1,6 @@
 """The lab guest: Debian's cloud kernel and an initramfs built here, cached.
 
-    assets = ensure_assets()      # ~/.cache/fleetbisect/lab/<recipe>-<kernel version>/
+    assets = ensure_assets()      # ~/.cache/fleetbisect/lab/<recipe>-<kernel package>_<version>/
 
 The kernel is the real `linux-image-*-cloud-amd64` package, fetched with `apt-get download` and
 unpacked with `dpkg -x` (nothing is installed). The base initramfs holds busybox, dropbear with
@@ -13,12 +13,19 @@ dropbear unless /etc/fleetbisect/no-ssh exists, and prints on the serial console
     FLEETBISECT-READY release=<the build's release> uname=<uname -r>
 
 Building takes a few seconds; it happens once per cache directory, under a lock, in a
-temporary directory renamed into place, so a half-built cache is never used.
+temporary directory renamed into place, so a half-built cache is never used. The directory is
+named after the recipe and the exact kernel package and version apt offers, so a new Debian
+kernel (or a new recipe) gets a new image. Asking apt costs ~0.7 s (Debian's Docker images keep
+no binary package cache), so the answer is remembered until the package lists change, and a
+cached call costs a few milliseconds.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -70,14 +77,16 @@ def cache_root() -> Path:
 def ensure_assets(cache_dir: Path | None = None) -> LabAssets:
     root = Path(cache_dir) if cache_dir else cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    package = _kernel_package()
-    final = root / f"{RECIPE}-{package}"
+    package, version = _kernel_package(root)
+    final = root / f"{RECIPE}-{package}_{version}"
+    if (final / "complete").exists():
+        return _load(final)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same thing
         if not (final / "complete").exists():
             tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
             try:
-                _build(tmp, package)
+                _build(tmp, package, version)
                 (tmp / "complete").write_text("")
                 if final.exists():
                     shutil.rmtree(final)
@@ -107,26 +116,53 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-def _kernel_package() -> str:
-    """The versioned package the metapackage points at, e.g. linux-image-6.1.0-56-cloud-amd64."""
-    proc = subprocess.run(["apt-cache", "depends", META_PACKAGE], capture_output=True, text=True)
+def _kernel_package(root: Path) -> tuple[str, str]:
+    """The versioned package the metapackage points at and its version, e.g.
+    ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2"); remembered in `root` per state of apt's lists."""
+    memo = root / "kernel-package.json"
+    lists = _lists_fingerprint()
+    try:
+        known = json.loads(memo.read_text())
+        if lists and known["lists"] == lists:
+            return known["package"], known["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    proc = subprocess.run(["apt-cache", "show", "--no-all-versions", META_PACKAGE], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("Depends: linux-image-"):
-            return line.split(":", 1)[1].strip()
+        # Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)
+        if line.startswith("Depends:"):
+            dep = line.split(":", 1)[1].split(",")[0].strip()
+            if dep.startswith("linux-image-") and "(=" in dep:
+                package, version = dep.split("(=", 1)
+                package, version = package.strip(), version.rstrip(")").strip()
+                tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+                tmp.write_text(json.dumps({"lists": lists, "package": package, "version": version}) + "\n")
+                tmp.replace(memo)
+                return package, version
     raise InfraError(
         f"the lab needs Debian's {META_PACKAGE} and apt does not know it "
         f"({(proc.stderr or proc.stdout).strip()[:200] or 'no package lists'}): run `apt-get update` "
-        "(the README's setup command does) on a Debian or Ubuntu machine"
+        "(.ci/setup does) on a Debian or Ubuntu machine"
     )
 
 
-def _build(d: Path, package: str) -> None:
+def _lists_fingerprint() -> str:
+    """A hash of apt's package lists (names, sizes, mtimes): it changes when `apt-get update` does."""
+    proc = subprocess.run(["apt-config", "shell", "D", "Dir::State::lists/d"], capture_output=True, text=True)
+    lists = Path(proc.stdout.partition("=")[2].strip().strip("'") or "/var/lib/apt/lists")
+    try:
+        entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in lists.iterdir() if "_Packages" in f.name)
+    except OSError:
+        return ""
+    return hashlib.sha256(repr(entries).encode()).hexdigest() if entries else ""
+
+
+def _build(d: Path, package: str, version: str) -> None:
     kver = package.removeprefix("linux-image-")
     dl = d / "download"
     dl.mkdir()
     dl.chmod(0o777)  # apt's _apt user writes the download when it can
-    _run(["apt-get", "download", "-q", package], cwd=dl)
+    _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=dl)
     (deb,) = dl.glob("*.deb")
     unpacked = d / "unpacked"
     _run(["dpkg", "-x", str(deb), str(unpacked)])
@@ -149,7 +185,7 @@ def _build(d: Path, package: str) -> None:
     img.add_symlink("usr/lib/sftp-server", "openssh/sftp-server")  # where dropbear looks
     mods = unpacked / "lib" / "modules" / kver / "kernel"
     for rel in MODULES:
-        img.add_file(f"lib/modules/fleetbisect/{Path(rel).name}", (mods / rel).read_bytes(), 0o644)
+        img.add_file(f"lib/modules/fleetbisect/{Path(rel).name}", _module(mods / rel), 0o644)
     img.add_file("etc/dropbear/host_key", (d / "guest_host_key").read_bytes(), 0o600)
     img.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     img.add_file("etc/group", b"root:x:0:\n")
@@ -164,6 +200,29 @@ def _build(d: Path, package: str) -> None:
     img.write_gz(d / "base-initramfs.img")
     shutil.rmtree(dl)
     shutil.rmtree(unpacked)
+
+
+def _module(path: Path) -> bytes:
+    """A module's plain ELF bytes. Debian 12 ships plain `.ko`; later releases compress them
+    (`.ko.xz`, `.ko.zst`), which busybox's insmod cannot load, so they are unpacked here."""
+    if path.exists():
+        return path.read_bytes()
+    xz = path.with_name(path.name + ".xz")
+    if xz.exists():
+        return lzma.decompress(xz.read_bytes())
+    zst = path.with_name(path.name + ".zst")
+    if zst.exists():
+        if not shutil.which("zstd"):
+            raise InfraError(f"lab image: {zst.name} is zstd-compressed: install zstd to unpack it")
+        return _run_bytes(["zstd", "-dc", str(zst)])
+    raise InfraError(f"lab image: the kernel package has no module {path.name} (.ko, .ko.xz or .ko.zst)")
+
+
+def _run_bytes(argv: list[str]) -> bytes:
+    proc = subprocess.run(argv, capture_output=True)
+    if proc.returncode != 0:
+        raise InfraError(f"lab image: `{' '.join(argv)}` failed: {proc.stderr.decode(errors='replace')[-500:]}")
+    return proc.stdout
 
 
 def _init() -> str:

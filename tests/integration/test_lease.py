@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
 
@@ -46,3 +47,23 @@ def test_release_leaves_another_runs_lease_alone(ssh, work_dir):
     Lease.on(ssh, work_dir, "run-a").acquire()
     Lease.on(ssh, work_dir, "run-b").release()
     assert lease_file(ssh, work_dir).startswith("run-a ")
+
+
+def test_a_lease_whose_controller_on_this_machine_is_gone_is_taken_over_at_once(ssh, work_dir):
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a PID that no longer runs (a controller killed with SIGKILL)
+    ssh.run(["mkdir", "-p", work_dir], deadline=Deadline.after(10), check=True)
+    ssh.run(["sh", "-c", 'printf "%s\\n" "$2" > "$1"', "sh", posixpath.join(work_dir, "lease"),
+             f"run-killed {int(time.time()) + 3600} {socket.gethostname()}:{gone.pid}"],
+            deadline=Deadline.after(10), check=True)
+    note = Lease.on(ssh, work_dir, "run-new").acquire()
+    assert note and "took over the dead (its controller is gone) lease of run run-killed" in note
+    # A live controller's lease is respected.
+    live = f"run-live {int(time.time()) + 3600} {socket.gethostname()}:{os.getpid()}"
+    ssh.run(["sh", "-c", 'printf "%s\\n" "$2" > "$1"', "sh", posixpath.join(work_dir, "lease"), live],
+            deadline=Deadline.after(10), check=True)
+    with pytest.raises(LeaseHeld, match="leased by run run-live"):
+        Lease.on(ssh, work_dir, "run-other").acquire()

@@ -103,3 +103,20 @@ def test_a_build_that_does_not_stamp_the_commit_is_never_tested(
     assert rec.verdict is Verdict.SKIP
     assert rec.outcomes[0].kind is OutcomeKind.BUILD_FAILED
     assert "did not stamp" in rec.outcomes[0].summary
+
+
+def test_a_guest_reached_through_the_hosts_ssh_connection(
+    tree, lab_host, assets, playbook_variant, lab_repo, tmp_path
+):
+    """`via: host`: the guest's sshd is reached with direct-tcpip through the host's own SSH
+    connection (for guests only the host can see); its host key is still checked."""
+    from fleetbisect.config.inventory import load_inventory
+    from fleetbisect.lab.demo import write_lab_inventory
+
+    inv = write_lab_inventory(tmp_path / "via-host.yaml", [lab_host], assets, via="host")
+    host_cfg = load_inventory([inv]).host(lab_host.name)
+    assert host_cfg.target.guest.via == "host"
+    playbook, _ = playbook_variant()
+    _, rec = step(tree, host_cfg, playbook, lab_repo.shas[3], tmp_path)
+    assert rec.verdict is Verdict.GOOD, rec.reason
+    assert sum(i["bytes"] for i in rec.outcomes[0].details["iterations"]) == 12 * playbook.reproducers[0].size
