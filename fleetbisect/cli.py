@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, masking
 from .errors import ConfigError, FleetbisectError, UserError
 from .ui import UI
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
     # SIGTERM (systemd, a scheduler, `kill`) stops like Ctrl-C: VM stopped, journal says where.
     signal.signal(signal.SIGTERM, _interrupt)
+    masking.register()  # secret-looking environment variables never reach a log
     ui = UI(quiet=args.quiet, json_events=args.json)
     abort_code = STEP_ABORT if args.command == "step" else None
     try:

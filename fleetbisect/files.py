@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+from .masking import mask
+
 
 def write_atomic(path: Path, text: str) -> Path:
     """Write-then-rename, fsync'd: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        f.write(text)
+        f.write(mask(text))
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .masking import mask
 
 JOURNAL = "journal.jsonl"
 VERSION = 1
@@ -32,7 +33,7 @@ class Journal:
     def append(self, event: str, **data) -> dict:
         self._seq += 1
         entry = {"seq": self._seq, "time": round(time.time(), 3), "event": event, **data}
-        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        line = mask(json.dumps(entry, separators=(",", ":"))) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import BinaryIO, Mapping
 
 from .deadline import Deadline
+from .masking import mask_file
 
 
 def run_logged(
@@ -36,6 +37,9 @@ def run_logged(
         if proc.poll() is None:  # Ctrl-C or another exception while waiting
             _killpg(proc, signal.SIGKILL)
             proc.wait()
+        if getattr(log, "name", None):
+            log.flush()
+            mask_file(Path(log.name))
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:

@@ -27,6 +27,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .masking import mask
+
 log = logging.getLogger("fleetbisect")
 
 HEARTBEAT = 60.0
@@ -94,6 +96,7 @@ class UI:
     # --- messages ------------------------------------------------------------------------
 
     def _emit(self, style: str, text: str) -> None:
+        text = mask(text)
         if self.quiet:
             return
         with self._lock:
@@ -132,7 +135,7 @@ class UI:
         """A machine-readable event: logged, and printed on stdout with --json."""
         log.debug("event %s %s", kind, data)
         if self.json_events:
-            line = json.dumps({"time": round(time.time(), 3), "event": kind, **data}, default=str)
+            line = mask(json.dumps({"time": round(time.time(), 3), "event": kind, **data}, default=str))
             with self._lock:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
@@ -199,13 +202,18 @@ class UI:
         return Group(Text("fleetbisect", style="bold"), table)
 
 
+class _MaskingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return mask(super().format(record))
+
+
 @contextmanager
 def log_to_file(path: Path) -> Iterator[None]:
     """Debug-level log of everything into the run directory, for the duration of the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ours = logging.getLogger("fleetbisect")
     ours.setLevel(logging.DEBUG)
     ours.addHandler(handler)

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from .. import masking
 from ..verdict import DEFAULT_POLICY, UNTESTED, OutcomeKind
 from .loader import Bytes, Seconds, Strict, digest, read_yaml, validate
 
@@ -242,4 +243,6 @@ def load_playbook(path: Path) -> Playbook:
     data, lines = read_yaml(path)
     if isinstance(data, dict):
         data = {"name": path.stem, **data, "digest": digest(path)}
-    return validate(Playbook, data, path, lines)
+    playbook = validate(Playbook, data, path, lines)
+    masking.register(playbook.build.env)  # the build's secrets are masked wherever we write
+    return playbook
