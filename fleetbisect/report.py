@@ -27,6 +27,7 @@ class Report:
     steps: list[StepRecord] = field(default_factory=list)
     culprit: str | None = None
     culprit_subject: str | None = None
+    culprit_author: str | None = None
     candidates: list[str] = field(default_factory=list)
     # running | found | unconfirmed | inconclusive | endpoint-failed | aborted | interrupted
     status: str = "running"
@@ -48,6 +49,7 @@ class Report:
             "message": self.message,
             "culprit": self.culprit,
             "culprit_subject": self.culprit_subject,
+            "culprit_author": self.culprit_author,
             "confirmed": self.confirmed,
             "candidates": self.candidates,
             "bisect_log": "bisect.log",
@@ -71,6 +73,7 @@ def render_markdown(data: dict) -> str:
     if data["culprit"]:
         held = {True: "confirmed on retest", False: "NOT confirmed on retest", None: "not retested"}
         out += [f"**First bad commit:** `{data['culprit']}` {data.get('culprit_subject') or ''}",
+                "", f"Author: {data.get('culprit_author') or '?'}",
                 "", f"{held[data.get('confirmed')]}. {data['message']}", ""]
     else:
         out += [f"**Status:** {data['status']}: {data['message']}", ""]

@@ -238,6 +238,7 @@ class _Run:
             report.status = "found"
             report.culprit = mark.culprit
             report.culprit_subject = subject(spec.repo, mark.culprit)
+            report.culprit_author = git(spec.repo, "log", "-1", "--format=%an <%ae>", mark.culprit).stdout.strip()
             report.message = f"{mark.culprit} is the first bad commit: {report.culprit_subject}"
             if self.playbook.policy.confirm:
                 self._confirm(mark.culprit)

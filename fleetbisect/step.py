@@ -225,8 +225,11 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                 if wrong:
                     return [wrong]
             with timed("reproduce"):
-                return reproduce(playbook, ReproContext(guest, host, step_dir, lab.ui.detail, vm=paths,
-                                                        vm_started=vm_started, release=built.release))
+                outcomes = reproduce(playbook, ReproContext(guest, host, step_dir, lab.ui.detail, vm=paths,
+                                                            vm_started=vm_started, release=built.release))
+            if all(o.kind in (OutcomeKind.PASS, OutcomeKind.FAIL) for o in outcomes):
+                _save_dmesg(guest, step_dir, lab.ui)  # the guest still answers: keep its kernel log
+            return outcomes
         except InfraError as e:
             return [Outcome(OutcomeKind.INFRA_ERROR, str(e))]
 
@@ -246,6 +249,16 @@ def reproduce(playbook, ctx: ReproContext) -> list[Outcome]:
             if any(o.kind is not OutcomeKind.PASS for o in got):
                 return outcomes
     return outcomes
+
+
+def _save_dmesg(guest: Remote, step_dir: Path, ui: UI) -> None:
+    try:
+        res = guest.run(["dmesg"], deadline=Deadline.after(15))
+    except RemoteError as e:
+        ui.detail(f"no dmesg: {e}")
+        return
+    if res.ok:
+        (step_dir / "dmesg.log").write_text(res.stdout)
 
 
 def _cleanup(host: Remote, paths, step_dir: Path, ui: UI, timed) -> None:

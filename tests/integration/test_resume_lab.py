@@ -36,8 +36,8 @@ class Controller:
                 self.events.put(json.loads(line))
         self.events.put(None)
 
-    def kill_at(self, predicate, timeout: float = 300) -> dict:
-        """SIGKILL the whole process group at the first event matching `predicate`."""
+    def kill_at(self, predicate, timeout: float = 300, sig: int = signal.SIGKILL) -> dict:
+        """Signal the whole process group at the first event matching `predicate`, wait for it."""
         end = time.monotonic() + timeout
         try:
             while True:
@@ -47,8 +47,8 @@ class Controller:
                 if predicate(event):
                     return event
         finally:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=120)
 
     def finish(self, timeout: float = 600) -> tuple[int, list[dict], str]:
         """Wait for the end: (exit status, every event it printed, stderr)."""
@@ -94,8 +94,13 @@ def test_sigkill_anywhere_then_resume_finds_the_same_culprit(
         ("between a mark and the next step", lambda e: e["event"] == "marked"),
         ("while the guest boots", stage("ready")),
     ]
+    # Ctrl-C first: the step is abandoned, its VM stopped, the journal says where it stopped.
+    first.kill_at(stage("reproduce"), sig=signal.SIGINT)
+    assert first.proc.returncode == 130
+    assert journal(run_dir)[-1]["event"] == "interrupted"
+    assert not (lab_host.base_dir / "work" / "vm" / "qemu.pid").exists()
     killed_at = []
-    controller = first
+    controller = Controller("resume", str(run_dir))
     for name, predicate in kill_points:
         event = controller.kill_at(predicate)
         killed_at.append((name, event))
@@ -105,7 +110,7 @@ def test_sigkill_anywhere_then_resume_finds_the_same_culprit(
     assert printed[-1]["event"] == "run-finished" and printed[-1]["culprit"] == lab_repo.shas[CULPRIT]
 
     events = journal(run_dir)
-    assert sum(e["event"] == "resumed" for e in events) == len(kill_points)
+    assert sum(e["event"] == "resumed" for e in events) == len(kill_points) + 1
     marks = [e["commit"] for e in events if e["event"] == "marked"]
     assert len(marks) == len(set(marks)), "a commit was marked twice"
     finished: set[str] = set()

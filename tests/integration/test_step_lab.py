@@ -33,6 +33,8 @@ def test_good_commit_passes_and_an_unchanged_artifact_is_not_sent_again(
     assert rec.release.endswith(f"-fb{lab_repo.shas[3][:12]}")
     console = (tmp_path / "steps" / "a" / "console.log").read_text(errors="replace")
     assert f"release={rec.release}" in console
+    assert "Linux version" in (tmp_path / "steps" / "a" / "dmesg.log").read_text()
+    assert "steps/a/dmesg.log" in rec.evidence
     result = json.loads((tmp_path / "steps" / "a" / "result.json").read_text())
     assert result["verdict"] == "good"
 

@@ -23,6 +23,7 @@ def test_report_files_carry_the_culprit_steps_and_timeline(tmp_path):
     r = Report(tmp_path, "/src/linux", A, B, "prime-radiant", "pb.yaml", "d" * 64)
     r.steps = [record(1, A, Verdict.GOOD, "endpoint-good"), record(2, B, Verdict.BAD)]
     r.status, r.culprit, r.culprit_subject, r.confirmed = "found", B, "net: break it", True
+    r.culprit_author = "A Developer <a@dev.invalid>"
     r.message = f"{B} is the first bad commit"
     r.write()
     data = json.loads((tmp_path / "report.json").read_text())
@@ -30,6 +31,7 @@ def test_report_files_carry_the_culprit_steps_and_timeline(tmp_path):
     assert [s["role"] for s in data["steps"]] == ["endpoint-good", "bisect"]
     md = (tmp_path / "report.md").read_text()
     assert f"`{B}` net: break it" in md and "confirmed on retest" in md
+    assert "Author: A Developer <a@dev.invalid>" in md
     assert "why \\| not" in md  # a pipe in a reason does not break the table
     assert "# first bad commit: [bbbb]" in md
     html = (tmp_path / "report.html").read_text()
