@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Without a handler, Python prints paramiko's warnings (with tracebacks) to stderr.
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    # A log line that cannot be written (a full disk) must not print a traceback: the error
+    # that matters reaches the user as a message.
+    logging.raiseExceptions = False
     # SIGTERM (systemd, a scheduler, `kill`) stops like Ctrl-C: VM stopped, journal says where.
     signal.signal(signal.SIGTERM, _interrupt)
     masking.register()  # secret-looking environment variables never reach a log

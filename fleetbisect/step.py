@@ -120,8 +120,12 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
         built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout))
     evidence = [rel("build.log")]
     if not built.ok:
-        outcome = Outcome(OutcomeKind.BUILD_FAILED, built.summary, {}, ("build.log",))
-        decision = decide([outcome], playbook.policy_map())
+        if built.disk_full:  # not the commit's fault, and it will not heal by itself: stop
+            outcome = Outcome(OutcomeKind.INFRA_ERROR, built.summary, {}, ("build.log",))
+            decision = Decision(Verdict.ABORT, f"infra-error: {built.summary}; free some space")
+        else:
+            outcome = Outcome(OutcomeKind.BUILD_FAILED, built.summary, {}, ("build.log",))
+            decision = decide([outcome], playbook.policy_map())
         return _finish(step_dir, StepRecord(
             index, commit, subject, decision.verdict, decision.reason, [outcome], durations,
             evidence, 0, None, role=role,

@@ -25,6 +25,7 @@ class BuildResult:
     seconds: float
     release: str | None = None  # the kernel release the build stamped, if the tree says
     artifacts: dict[str, Path] = field(default_factory=dict)
+    disk_full: bool = False  # it failed for want of space: no verdict about the commit at all
 
 
 def localversion(commit: str) -> str:
@@ -59,6 +60,9 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
     if status is None:
         return BuildResult(False, f"build timed out after {spec.timeout:.0f}s", log_path, seconds)
     if status != 0:
+        if _disk_full(log_path):
+            return BuildResult(False, f"the build ran out of disk space in {tree} (exit {status})",
+                               log_path, seconds, disk_full=True)
         return BuildResult(False, f"build failed (exit {status})", log_path, seconds)
 
     artifacts: dict[str, Path] = {}
@@ -84,6 +88,13 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
             log_path, seconds,
         )
     return BuildResult(True, "built", log_path, seconds, release, artifacts)
+
+
+def _disk_full(log_path: Path) -> bool:
+    with open(log_path, "rb") as f:
+        f.seek(max(0, log_path.stat().st_size - 65536))
+        tail = f.read()
+    return b"No space left on device" in tail or b"Disk quota exceeded" in tail
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:

@@ -151,3 +151,40 @@ def test_resume_refuses_what_is_not_a_run_and_a_changed_playbook(
     p = subprocess.run([*FB, "resume", str(run_dir)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "changed since the run started" in p.stderr, p.stderr
     assert (run_dir / "journal.jsonl").read_bytes() == before  # nothing lost, nothing added
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs of our own: room for the run's worktree and builds, not for much more."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_stops_the_run_clearly_and_resume_finishes_it(
+    lab_repo, inventory_file, lab_host, playbook_variant, small_disk
+):
+    _, playbook = playbook_variant({"policy": {"confirm": 0}})
+    run_dir = small_disk / "run"
+    # After the first verdict, a hook fills the disk the run directory is on.
+    fill = 'dd if=/dev/zero of="$FLEETBISECT_RUN_DIR/../ballast" bs=1M 2>/dev/null; true'
+    p = subprocess.run(
+        [*FB[:-1], "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory",
+         str(inventory_file), "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
+         "--run-dir", str(run_dir), "--no-endpoint-check", "--hook", f"verdict={fill}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == 128, p.stderr[-2000:]
+    assert "disk full" in p.stderr and "fleetbisect resume" in p.stderr
+    assert "Traceback" not in p.stderr
+    (small_disk / "ballast").unlink()
+    resumed = subprocess.run([*FB[:-1], "resume", str(run_dir)], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"first bad commit: {lab_repo.shas[CULPRIT]}" in resumed.stdout
+    events = journal(run_dir)  # every line whole: a torn one was dropped with a note on resume
+    marks = [e["commit"] for e in events if e["event"] == "marked"]
+    assert len(marks) == len(set(marks))
