@@ -25,6 +25,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from fleetbisect.errors import InfraError
 from fleetbisect.lab.image import ensure_assets
 from fleetbisect.lab.kernelrepo import generate_repo
 from fleetbisect.lab.vmhost import free_port
@@ -74,6 +75,15 @@ def test_base_initramfs_holds_what_the_guest_needs(assets):
     assert "virtio_net.ko" in modules and "virtio-rng.ko" in modules and len(modules) == 9
     assert any(re.fullmatch(r"lib(64)?/ld-linux-x86-64\.so\.2|lib/x86_64-linux-gnu/ld-linux-x86-64\.so\.2", n)
                for n in names), "the dynamic loader"
+
+
+def test_missing_package_lists_are_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "lists" / "partial").mkdir(parents=True)
+    conf = tmp_path / "apt.conf"
+    conf.write_text(f'Dir::State::lists "{tmp_path / "lists"}/";\n')
+    monkeypatch.setenv("APT_CONFIG", str(conf))  # apt as on a machine that never ran apt-get update
+    with pytest.raises(InfraError, match="apt-get update"):
+        ensure_assets(tmp_path / "cache")
 
 
 @pytest.mark.timeout(240)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import subprocess
 
 from fleetbisect.lab.cpio import CpioWriter
@@ -56,3 +57,12 @@ def test_every_entry_is_four_byte_aligned():
         if name == b"TRAILER!!!":
             break
     assert pos == len(raw)
+
+
+def test_device_nodes_carry_their_numbers():
+    img = CpioWriter()
+    img.add_chardev("dev/console", 5, 1)
+    raw = img.to_bytes()
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=raw, capture_output=True, check=True).stdout.decode()
+    line = next(ln for ln in listing.splitlines() if ln.endswith("dev/console"))
+    assert line.startswith("crw-------") and re.search(r"\b5,\s+1\b", line)
