@@ -7,6 +7,7 @@ BISECT_LOG are per-worktree in git, so a bisect the user has going is not distur
 
 from __future__ import annotations
 
+import errno
 import re
 import subprocess
 from dataclasses import dataclass
@@ -20,9 +21,15 @@ def git(repo: Path, *args: str, check: bool = True, timeout: float = 600) -> sub
     proc = subprocess.run(
         ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=timeout
     )
+    if proc.returncode != 0 and _NO_SPACE in proc.stdout + proc.stderr:
+        # A full disk is the machine's state, not the user's input nor a verdict: say so.
+        raise OSError(errno.ENOSPC, f"{_NO_SPACE} (git {args[0]})", str(repo))
     if check and proc.returncode != 0:
         raise UserError(f"git {' '.join(args)} failed in {repo}: {proc.stderr.strip()}")
     return proc
+
+
+_NO_SPACE = "No space left on device"
 
 
 def resolve(repo: Path, rev: str) -> str:
@@ -57,6 +64,12 @@ class Bisect:
         if not (worktree / ".git").exists():
             worktree.parent.mkdir(parents=True, exist_ok=True)
             git(repo, "worktree", "add", "--detach", str(worktree), bad)
+        else:
+            # Ours, left by a run that died: a checkout or a cherry-pick may be half done (a full
+            # disk, SIGKILL). Tracked files go back to HEAD; build outputs (ignored) stay, so the
+            # next build is still incremental.
+            git(worktree, "reset", "--hard", "--quiet")
+            git(worktree, "clean", "-fd", "--quiet")
         b = cls(worktree)
         git(worktree, "bisect", "reset", check=False)
         git(worktree, "bisect", "start", bad, good)

@@ -166,12 +166,15 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_clearly_and_resume_finishes_it(
-    lab_repo, inventory_file, lab_host, playbook_variant, small_disk
+    lab_repo, inventory_file, lab_host, playbook_variant, small_disk, tmp_path
 ):
     _, playbook = playbook_variant({"policy": {"confirm": 0}})
     run_dir = small_disk / "run"
-    # After the first verdict, a hook fills the disk the run directory is on.
-    fill = 'dd if=/dev/zero of="$FLEETBISECT_RUN_DIR/../ballast" bs=1M 2>/dev/null; true'
+    # After the first verdict (once: the resumed run keeps its hooks), a hook fills the disk the
+    # run directory is on.
+    once = tmp_path / "filled"
+    fill = (f'[ -e {once} ] || {{ touch {once}; '
+            'dd if=/dev/zero of="$FLEETBISECT_RUN_DIR/../ballast" bs=1M 2>/dev/null; }; true')
     p = subprocess.run(
         [*FB[:-1], "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory",
          str(inventory_file), "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
