@@ -110,6 +110,10 @@ def build_methods(host: LabHost, remote: SSHRemote, src: Path, dest_dir: Path) -
     def fleetbisect_put(dest: Path) -> None:
         remote.put(src, str(dest), deadline=Deadline.after(600))
 
+    def paramiko_put(dest: Path) -> None:
+        with open(src, "rb") as f:
+            remote.put_stream(f, src.stat().st_size, str(dest), deadline=Deadline.after(600))
+
     def openssh_scp(dest: Path, *extra: str) -> None:
         subprocess.run(
             ["scp", "-q", *extra, *host.ssh_argv(), "-P", str(host.port), str(src),
@@ -128,6 +132,7 @@ def build_methods(host: LabHost, remote: SSHRemote, src: Path, dest_dir: Path) -
 
     return {
         "fleetbisect SSHRemote.put": fleetbisect_put,
+        "fleetbisect paramiko path only": paramiko_put,
         "scp (OpenSSH, defaults)": openssh_scp,
         "scp -c aes128-gcm (OpenSSH)": lambda dest: openssh_scp(dest, "-c", "aes128-gcm@openssh.com"),
         "scp package SCPClient.put": scp_package_put,

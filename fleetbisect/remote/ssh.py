@@ -35,6 +35,7 @@ import paramiko
 from paramiko.hostkeys import HostKeyEntry, HostKeys
 
 from ..deadline import Deadline
+from . import openssh
 from .base import (
     CommandTimedOut,
     ConnectFailed,
@@ -188,6 +189,7 @@ class SSHRemote:
         self._broken: str | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._no_sftp = False
+        self._openssh_unusable = False
         self._lock = threading.RLock()
 
     # connecting --------------------------------------------------------------------------
@@ -307,6 +309,16 @@ class SSHRemote:
 
     def put(self, local: Path, remote_path: str, *, deadline: Deadline,
             progress: Progress | None = None) -> TransferStats:
+        """Upload a file. Big ones go through OpenSSH's scp when it is installed and this
+        connection is a plain TCP one (see openssh.py); paramiko does the rest."""
+        local = Path(local)
+        if (progress is None and self._own_socket and not self._openssh_unusable
+                and local.stat().st_size >= openssh.BULK and openssh.available()):
+            try:
+                return openssh.upload(self.params, self.endpoint, local, remote_path, deadline)
+            except openssh.Unusable as e:
+                log.info("%s: OpenSSH upload not usable (%s); using paramiko", self.name, e)
+                self._openssh_unusable = True
         with open(local, "rb") as src:
             size = os.fstat(src.fileno()).st_size
             return self.put_stream(src, size, remote_path, deadline=deadline, progress=progress)

@@ -389,3 +389,41 @@ def test_upload_through_a_stalled_network_times_out(lab_host, tmp_path, small_bu
             remote.close()
     finally:
         relay.close()
+
+
+def accepted_logins(lab_host) -> int:
+    return lab_host.log.read_text(errors="replace").count("Accepted publickey")
+
+
+def test_big_uploads_go_through_openssh_and_land_whole(lab_host, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 20)  # above openssh.BULK
+    remote = SSHRemote.connect(lab_host.ssh_params(), deadline=Deadline.after(15))
+    try:
+        before = accepted_logins(lab_host)
+        stats = remote.put(big, str(tmp_path / "dst.bin"), deadline=Deadline.after(60))
+        assert stats.bytes == big.stat().st_size
+        assert (tmp_path / "dst.bin").read_bytes() == big.read_bytes()
+        assert accepted_logins(lab_host) == before + 1  # OpenSSH's own login
+    finally:
+        remote.close()
+
+
+def test_openssh_uploads_check_the_host_key_too(lab_host, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 20)
+    known = tmp_path / "known_hosts"
+    known.write_text(lab_host.known_hosts.read_text())
+    params = replace(lab_host.ssh_params(), known_hosts=(str(known),))
+    remote = SSHRemote.connect(params, deadline=Deadline.after(15))
+    try:
+        # The host "changes its key" after paramiko checked it: OpenSSH must refuse, and the
+        # upload goes over the connection that was verified, never a silently accepted one.
+        other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBVp2mxsRYc5o0d0Ptjb7hoa+mFPh9BoVYqsSP3i8pA9"
+        known.write_text(f"[127.0.0.1]:{lab_host.port} {other}\n")
+        before = accepted_logins(lab_host)
+        remote.put(big, str(tmp_path / "dst.bin"), deadline=Deadline.after(60))
+        assert accepted_logins(lab_host) == before
+        assert (tmp_path / "dst.bin").read_bytes() == big.read_bytes()
+    finally:
+        remote.close()
