@@ -135,6 +135,9 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
     while True:
         attempt += 1
         pushed: dict[str, int] = {}
+        for stale in step_dir.glob("*.log"):  # a retried attempt's evidence is its own
+            if stale.name != "build.log":
+                stale.unlink()
         outcomes = _attempt(lab, built, step_dir, timed, pushed)
         # The console was fetched whatever happened: what the kernel said explains the outcome.
         outcomes = judge.explain(outcomes, judge.console_findings(step_dir / "console.log"))
