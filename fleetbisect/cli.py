@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Without a handler, Python prints paramiko's warnings (with tracebacks) to stderr.
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    logging.getLogger("fleetbisect").addHandler(logging.NullHandler())  # the UI prints; logs go to run.log
     # A log line that cannot be written (a full disk) must not print a traceback: the error
     # that matters reaches the user as a message.
     logging.raiseExceptions = False
@@ -236,7 +237,8 @@ def cmd_demo(args, ui: UI) -> int:
     from .lab.demo import demo
 
     base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario)
+    with ui.live():
+        return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario)
 
 
 def cmd_report(args, ui: UI) -> int:

@@ -9,27 +9,22 @@ path as `fleetbisect run` and checks the answer against the `Seeded-regression` 
 from __future__ import annotations
 
 import random
-import socket
 from pathlib import Path
 
 import yaml
 
 from ..config.inventory import load_inventory
 from ..config.playbook import load_playbook
+from ..errors import UserError
 from ..run import start_run
 from ..ui import UI
+from .vmhost import free_port
 
 PLAYBOOKS = Path(__file__).parent / "playbooks"
 
 
 def lab_playbook(scenario: str = "net-hang") -> Path:
     return PLAYBOOKS / f"{scenario}.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct") -> Path:
@@ -70,6 +65,8 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
     from .vmhost import LabHost
 
     base = base.resolve()
+    if (base / "linux").exists() or (base / "run").exists():
+        raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")
     seed = seed if seed is not None else random.randrange(1 << 30)
     ui.step("lab: preparing the guest kernel and initramfs (cached after the first time)")
     assets = ensure_assets()
