@@ -113,6 +113,14 @@ class SSHParams:
     ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr")
 
 
+def host_key_line(text: str) -> str:
+    """A configured host key as its public key line: the line itself, or a .pub file's text."""
+    text = text.strip()
+    if text and not text.startswith(("ssh-", "ecdsa-", "sk-")) and Path(text).is_file():
+        text = Path(text).read_text().strip()
+    return text
+
+
 def command_string(command: str | Sequence[str]) -> str:
     """A list is data and gets quoted word by word; a string is a shell snippet from config."""
     if isinstance(command, str):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..deadline import Deadline
-from .base import RemoteError, SSHParams, TransferStats, TransferTimedOut
+from .base import RemoteError, SSHParams, TransferStats, TransferTimedOut, host_key_line
 
 BULK = 16 << 20  # smaller files go through paramiko: a process start would cost more
 CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
@@ -41,7 +41,7 @@ def upload(params: SSHParams, endpoint, local: Path, remote_path: str, deadline:
         known = list(endpoint.known_hosts)
         if params.host_keys:  # a guest's key from its image: a known_hosts of its own
             path = Path(tmp) / "known_hosts"
-            path.write_text("".join(f"{endpoint.known_hosts_name} {_key_line(k)}\n" for k in params.host_keys))
+            path.write_text("".join(f"{endpoint.known_hosts_name} {' '.join(host_key_line(k).split()[:2])}\n" for k in params.host_keys))
             known = [str(path)]
         argv = [
             "scp", "-q", "-B", "-P", str(endpoint.port), "-c", CIPHERS,
@@ -66,13 +66,6 @@ def upload(params: SSHParams, endpoint, local: Path, remote_path: str, deadline:
             raise Unusable(err[-300:])
         raise RemoteError(params.name, f"upload to {remote_path} failed: {err[-300:]}")
     return TransferStats(remote_path, size, time.monotonic() - started)
-
-
-def _key_line(text: str) -> str:
-    text = text.strip()
-    if not text.startswith(("ssh-", "ecdsa-", "sk-")) and Path(text).is_file():
-        text = Path(text).read_text().strip()
-    return " ".join(text.split()[:2])
 
 
 def _bracket(host: str) -> str:

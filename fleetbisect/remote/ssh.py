@@ -49,6 +49,7 @@ from .base import (
     TransferTimedOut,
     bounded,
     command_string,
+    host_key_line,
 )
 from .local import OutputTail
 
@@ -123,9 +124,7 @@ def _expected_keys(params: SSHParams, ep: Endpoint) -> tuple[list[tuple[str, par
     found: list[tuple[str, paramiko.PKey]] = []
     if params.host_keys:
         for line in params.host_keys:
-            text = line.strip()
-            if text and not text.startswith(("ssh-", "ecdsa-", "sk-")) and Path(text).is_file():
-                text = Path(text).read_text().strip()  # a path to a .pub file
+            text = host_key_line(line)
             try:
                 entry = HostKeyEntry.from_line(f"{name} {text}")
             except Exception as e:  # noqa: BLE001 - a malformed line is the user's to fix

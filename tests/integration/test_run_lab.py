@@ -220,10 +220,9 @@ def relayed_inventory(inventory_file, lab_host, relay, tmp_path):
     return inv
 
 
-def test_a_dead_host_aborts_the_run_after_bounded_retries_and_marks_nothing(
-    lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
-):
-    relay = Relay(lab_host.port, allow=1)  # the run's lease connection, then the host "dies"
+def run_behind_relay(allow, lab_repo, inventory_file, lab_host, playbook_variant, tmp_path, *extra):
+    """`fleetbisect run` against the lab host behind a Relay that lets `allow` connections in."""
+    relay = Relay(lab_host.port, allow=allow)
     try:
         inv = relayed_inventory(inventory_file, lab_host, relay, tmp_path)
         _, playbook = playbook_variant({"policy": {"retries": 1}})
@@ -231,10 +230,19 @@ def test_a_dead_host_aborts_the_run_after_bounded_retries_and_marks_nothing(
         p = fleetbisect(
             "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv),
             "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
-            "--run-dir", str(run_dir), "--no-endpoint-check",
+            "--run-dir", str(run_dir), *extra,
         )
     finally:
         relay.close()
+    return p, run_dir, relay
+
+
+def test_a_dead_host_aborts_the_run_after_bounded_retries_and_marks_nothing(
+    lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
+):
+    # One connection for the run's lease, then the host "dies".
+    p, run_dir, relay = run_behind_relay(1, lab_repo, inventory_file, lab_host, playbook_variant, tmp_path,
+                                         "--no-endpoint-check")
     assert p.returncode == 128, p.stderr
     assert "cannot reach the host" in p.stderr
     assert "Traceback" not in p.stderr
@@ -252,18 +260,7 @@ def test_a_dead_host_aborts_the_run_after_bounded_retries_and_marks_nothing(
 def test_a_host_that_never_answers_aborts_before_anything_is_tested(
     lab_repo, inventory_file, lab_host, playbook_variant, tmp_path
 ):
-    relay = Relay(lab_host.port, allow=0)
-    try:
-        inv = relayed_inventory(inventory_file, lab_host, relay, tmp_path)
-        _, playbook = playbook_variant({"policy": {"retries": 1}})
-        run_dir = tmp_path / "run"
-        p = fleetbisect(
-            "run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv),
-            "--repo", str(lab_repo.path), "--good", lab_repo.good, "--bad", lab_repo.bad,
-            "--run-dir", str(run_dir),
-        )
-    finally:
-        relay.close()
+    p, run_dir, _ = run_behind_relay(0, lab_repo, inventory_file, lab_host, playbook_variant, tmp_path)
     assert p.returncode == 128, p.stderr
     assert f"cannot reach the host {lab_host.name} (2 attempts)" in p.stderr
     assert "Traceback" not in p.stderr
