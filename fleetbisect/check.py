@@ -1,14 +1,23 @@
-"""`fleetbisect check`: is this host ready for a run? Probes only; changes nothing."""
+"""`fleetbisect check`: is this host ready for a run? Probes only; changes nothing.
+
+Besides the host itself (SSH, QEMU, work dir, disk), it opens the path a step will use to reach
+the guest (a host that refuses TCP forwarding would make every boot look like a hang), says how
+the running kernel's identity will be checked (or that it will not be), and runs each
+reproducer's preflight when a guest happens to answer there.
+"""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from rich.table import Table
 
 from .deadline import Deadline
 from .errors import FleetbisectError
+from .remote.base import Remote, TunnelRefused
 from .remote.ssh import SSHRemote
+from .reproducers import preflight
 from .ui import UI
 
 MIN_FREE_MB = 2048
@@ -19,6 +28,7 @@ class Probe:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # ok, but the user should know (e.g. the kernel is not verified)
 
 
 # Runs on the host: prints one "name<TAB>ok|fail<TAB>detail" line per probe. Read-only.
@@ -33,6 +43,53 @@ if command -v timeout >/dev/null; then echo "timeout	ok	remote commands are boun
 """
 
 
+def kernel_identity(playbook) -> Probe:
+    """How a step proves the guest runs the kernel it built; said out loud when it cannot."""
+    build = playbook.build
+    if playbook.console_only:
+        return Probe("kernel identity", True, "not verified: a console reproducer never reaches the "
+                     "guest (the console's own `Linux version` line is the only evidence)", warning=True)
+    if build.release_file is None:
+        return Probe("kernel identity", True, "NOT verified: build.release_file is null, so a guest that "
+                     "boots another kernel would be judged as this commit", warning=True)
+    if not build.localversion:
+        return Probe("kernel identity", True, f"release only: `{playbook.verify.command}` must print "
+                     f"{build.release_file}, which two commits can share (build.localversion: false)",
+                     warning=True)
+    return Probe("kernel identity", True, f"verified: `{playbook.verify.command}` must print "
+                 f"{build.release_file}, stamped with -fb<commit> by LOCALVERSION")
+
+
+def probe_guest_path(host: Remote, host_cfg, playbook) -> list[Probe]:
+    """Open the way a step reaches the guest; when a guest answers there, log in and run the
+    reproducers' preflights against it."""
+    g = host_cfg.target.guest
+    where = f"{g.address}:{g.port}" + (" through the host" if g.via == "host" else " from here")
+    try:
+        if g.via == "host":
+            stream = host.open_tunnel(g.address, g.port, Deadline.after(15))
+        else:
+            stream = socket.create_connection((g.address, g.port), timeout=5)
+    except TunnelRefused as e:
+        return [Probe("guest path", False, str(e))]
+    except (FleetbisectError, OSError) as e:
+        return [Probe("guest path", True, f"{where}: open, no guest listens now ({e}); the "
+                      "reproducers' preflights run at each step")]
+    probes = [Probe("guest path", True, f"{where}: a guest answers")]
+    try:
+        with SSHRemote.connect(host_cfg.target.guest_ssh_params(host_cfg.name),
+                               deadline=Deadline.after(15), sock=stream) as guest:
+            for spec in playbook.reproducers:
+                problem = preflight(spec, guest, Deadline.after(30))
+                probes.append(Probe(f"reproducer {spec.kind}", problem is None,
+                                    problem or "its preflight passed in the running guest"))
+    except FleetbisectError as e:
+        stream.close()
+        probes.append(Probe("reproducers", True, f"could not log in to the guest running now ({e}); "
+                            "the preflights run at each step", warning=True))
+    return probes
+
+
 def probe_host(host_cfg, playbook) -> list[Probe]:
     probes: list[Probe] = []
     try:
@@ -45,18 +102,23 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
             for line in res.stdout.splitlines():
                 name, status, detail = (line.split("\t", 2) + ["", ""])[:3]
                 probes.append(Probe(name, status == "ok", detail))
+            if not playbook.console_only:
+                probes += probe_guest_path(host, host_cfg, playbook)
     except FleetbisectError as e:
         probes.append(Probe("ssh", False, str(e)))
     return probes
 
 
 def check_host(host_cfg, playbook, ui: UI) -> bool:
-    probes = [Probe("config", True, f"inventory and playbook {playbook.name!r} are valid")]
+    probes = [Probe("config", True, f"inventory and playbook {playbook.name!r} are valid"),
+              kernel_identity(playbook)]
     probes += probe_host(host_cfg, playbook)
     table = Table(title=f"check {host_cfg.name}", show_header=True)
     for col in ("probe", "", "detail"):
         table.add_column(col)
     for p in probes:
-        table.add_row(p.name, "[green]ok[/]" if p.ok else "[red]FAIL[/]", p.detail)
+        mark = "[red]FAIL[/]" if not p.ok else "[yellow]WARN[/]" if p.warning else "[green]ok[/]"
+        table.add_row(p.name, mark, p.detail)
+        ui.event("probe", name=p.name, ok=p.ok, warning=p.warning, detail=p.detail)
     ui.console.print(table)
     return all(p.ok for p in probes)

@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"fleetbisect {__version__}")
     ap.add_argument("-q", "--quiet", action="store_true", help="only the result and errors")
     ap.add_argument("--json", action="store_true", help="machine-readable events on stdout")
+    ap.add_argument("--debug", action="store_true",
+                    help="print the traceback of an internal error (it always goes to run.log)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="bisect a range end to end and report the first bad commit")
@@ -133,11 +135,27 @@ def main(argv: list[str] | None = None) -> int:
         return abort_code or 130
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+            return _internal_error(e, ui, args)
         # The journal is fsync'd line by line: what was whole stays whole.
         ui.error(f"disk full writing {e.filename or 'the run directory'}: {e.strerror}. Free some "
                  "space, then `fleetbisect resume RUN_DIR` continues where it stopped")
         return abort_code or 128
+    except Exception as e:  # noqa: BLE001 - the one guard: a bug is never a verdict
+        return _internal_error(e, ui, args)
+
+
+def _internal_error(e: BaseException, ui: UI, args) -> int:
+    """Anything that escapes a command is a fault of the tool, never a verdict: exit 128 (which
+    `git bisect run` reads as "stop", where 1 would mark the commit bad) with one line; the
+    traceback goes to the log, and to the terminal with --debug."""
+    logging.getLogger("fleetbisect").error("internal error", exc_info=e)
+    if args.debug:
+        import traceback
+
+        traceback.print_exception(e)
+    ui.error(f"internal error (a fleetbisect bug, not a verdict): {type(e).__name__}: {e}"
+             + ("" if args.debug else "; --debug shows the traceback"))
+    return STEP_ABORT
 
 
 def _interrupt(signum, frame) -> None:
@@ -199,15 +217,15 @@ def cmd_resume(args, ui: UI) -> int:
 
 def print_result(report, ui: UI) -> int:
     """The answer goes to stdout (for scripts), everything else to stderr."""
+    from .report import answer_line
+
+    ui.info(f"run directory: {report.run_dir}")
     if ui.json_events:
         pass  # the run-finished event already said it
-    elif report.culprit:
-        print(f"first bad commit: {report.culprit} {report.culprit_subject}")
-        if report.status != "found":
-            ui.error(report.message)
+    elif report.culprit:  # a script reading stdout must never take a suspect for the answer
+        print(answer_line(report.status, report.culprit, report.culprit_subject, report.message))
     else:
         ui.error(report.message)
-    ui.info(f"run directory: {report.run_dir}")
     return 0 if report.status == "found" else 1
 
 

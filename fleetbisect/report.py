@@ -29,7 +29,7 @@ class Report:
     culprit_subject: str | None = None
     culprit_author: str | None = None
     candidates: list[str] = field(default_factory=list)
-    # running | found | unconfirmed | inconclusive | endpoint-failed | aborted | interrupted
+    # running | found | unconfirmed | inconclusive | endpoint-failed | setup-error | aborted | interrupted
     status: str = "running"
     message: str = ""
     confirmed: bool | None = None  # None: not retested (confirm: 0, or no culprit)
@@ -72,7 +72,8 @@ def render_markdown(data: dict) -> str:
     out = [f"# fleetbisect run on {data['host']}", ""]
     if data["culprit"]:
         held = {True: "confirmed on retest", False: "NOT confirmed on retest", None: "not retested"}
-        out += [f"**First bad commit:** `{data['culprit']}` {data.get('culprit_subject') or ''}",
+        title = "First bad commit" if data["status"] == "found" else "Suspect (NOT confirmed)"
+        out += [f"**{title}:** `{data['culprit']}` {data.get('culprit_subject') or ''}",
                 "", f"Author: {data.get('culprit_author') or '?'}",
                 "", f"{held[data.get('confirmed')]}. {data['message']}", ""]
     else:
@@ -179,16 +180,25 @@ def load(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def answer_line(status: str, culprit: str | None, subject: str | None, message: str) -> str:
+    """The one line a script reads: `first bad commit:` only for a culprit that was found and
+    held (or was not retested); a culprit that failed its retest is a suspect, said so."""
+    if culprit and status == "found":
+        return f"first bad commit: {culprit} {subject or ''}".rstrip()
+    if culprit:
+        return f"suspect (NOT confirmed, {status}): {culprit} {subject or ''}: {message}"
+    return f"no culprit ({status}): {message}"
+
+
 def show(run_dir: Path, console) -> None:
     """`fleetbisect report RUN_DIR`: the summary of any run, finished or not."""
     from rich.table import Table
 
     data = load(run_dir)
-    if data["culprit"]:
-        console.print(f"[bold]first bad commit:[/] {data['culprit']} {escape(data.get('culprit_subject') or '')}")
+    console.print(escape(answer_line(data["status"], data["culprit"], data.get("culprit_subject"),
+                                     data["message"] or "")), style="bold")
+    if data["culprit"] and data["status"] == "found":
         console.print(escape(data["message"] or ""))
-    else:
-        console.print(f"[bold]{data['status']}[/]: {escape(data['message'] or '')}")
     console.print(
         f"{data['repo']}  good {data['good'][:12]}  bad {data['bad'][:12]}  on {data['host']}  "
         f"{len(data['steps'])} steps in {data['elapsed']:.0f}s"

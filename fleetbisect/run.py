@@ -28,7 +28,7 @@ from .report import Report
 from .search.gitbisect import Bisect, git, resolve, subject
 from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, run_step
 from .ui import UI, log_to_file
-from .verdict import Verdict
+from .verdict import BUILD_KINDS, Verdict, never_ran
 
 
 def controller() -> dict:
@@ -169,6 +169,8 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
             raise RunAborted(f"{e}; once that is fixed, `fleetbisect resume {run_dir}` continues the run") from None
     if report.status == "aborted":
         raise RunAborted(f"{report.message}; once that is fixed, `fleetbisect resume {run_dir}` continues the run")
+    if report.status == "setup-error":
+        raise RunAborted(report.message)
     return report
 
 
@@ -211,6 +213,9 @@ class _Run:
         self.spec, self.state, self.lab = spec, state, lab
         self.journal, self.report, self.bisect, self.hooks, self.ui = journal, report, bisect, hooks, ui
         self.playbook = lab.playbook
+        self.setup = _SetupWatch()
+        for rec in state.steps:
+            self.setup.saw(StepRecord.from_json(rec))
 
     def search(self) -> None:
         report, spec = self.report, self.spec
@@ -226,6 +231,10 @@ class _Run:
             if record.verdict is Verdict.ABORT:
                 report.status = "aborted"
                 report.message = f"{commit[:12]} could not be tested: {record.reason}"
+                return
+            mistake = self.setup.mistake()
+            if mistake:  # never skip the whole range for what is wrong with the setup
+                report.status, report.message = "setup-error", mistake
                 return
             if commit in marked:
                 raise RuntimeError(f"bisect asked for {commit} again after it was marked")
@@ -257,8 +266,20 @@ class _Run:
             for commit, want, role in ((self.spec.good, Verdict.GOOD, "endpoint-good"),
                                        (self.spec.bad, Verdict.BAD, "endpoint-bad")):
                 record = self._step(commit, role, checkout=True)
+                if record.verdict is not want and record.verdict is not Verdict.ABORT and never_ran(record.outcomes):
+                    self.report.status = "setup-error"
+                    self.report.message = (
+                        f"the {role.removeprefix('endpoint-')} endpoint {commit[:12]} could not be tested: "
+                        f"{record.reason}. The kernel never ran, so this is the setup (inventory, "
+                        "playbook, host), not the commit: fix it and start the run again."
+                    )
+                    return False
+                if record.verdict is Verdict.ABORT:
+                    self.report.status = "aborted"
+                    self.report.message = f"the {role.removeprefix('endpoint-')} endpoint {commit[:12]} could not be tested: {record.reason}"
+                    return False
                 if record.verdict is not want:
-                    self.report.status = "aborted" if record.verdict is Verdict.ABORT else "endpoint-failed"
+                    self.report.status = "endpoint-failed"
                     self.report.message = (
                         f"the {role.removeprefix('endpoint-')} endpoint {commit[:12]} tested "
                         f"{record.verdict.value}, not {want.value} ({record.reason}); bisecting this "
@@ -287,7 +308,10 @@ class _Run:
         self.report.confirmed = not failed
         if failed:
             self.report.status = "unconfirmed"
-            self.report.message += "; NOT confirmed on retest: " + "; ".join(failed) + " (flaky reproducer?)"
+            self.report.message = (
+                f"the search pointed at {culprit} ({self.report.culprit_subject}), but it did NOT "
+                "hold on retest: " + "; ".join(failed) + " (a flaky reproducer? raise policy.repeats)"
+            )
             self.ui.warn("the culprit did not hold on retest: " + "; ".join(failed))
         else:
             self.ui.good(f"confirmed: {culprit[:12]} is bad and its parent {parent[:12]} good on retest")
@@ -301,9 +325,40 @@ class _Run:
             git(self.bisect.tree, "checkout", "--quiet", "--detach", commit)
         record = _test(self.lab, self.journal, self.report, commit, self.report.run_dir, self.spec.repo,
                        self.ui, self.bisect.remaining(), role)
+        self.setup.saw(record)
         self.hooks.fire("verdict", commit=commit, verdict=record.verdict.value, reason=record.reason,
                         subject=record.subject, role=role)
         return record
+
+
+class _SetupWatch:
+    """Tells a setup mistake from commits that fail: when the steps of a run fail the same way
+    before the built kernel could run (a refused tunnel, a QEMU that prints nothing, the wrong
+    kernel every time) and no kernel has run yet, skipping commit after commit would only hide
+    it. Build failures say nothing either way (a broken stretch of history is normal)."""
+
+    REPEATS = 2
+
+    def __init__(self) -> None:
+        self.kernel_ran = False
+        self.streak: list[str] = []
+
+    def saw(self, record: StepRecord) -> None:
+        if record.verdict is Verdict.ABORT or all(o.kind in BUILD_KINDS for o in record.outcomes):
+            return
+        sig = never_ran(record.outcomes)
+        if sig is None:
+            self.kernel_ran, self.streak = True, []
+        else:
+            self.streak.append(sig)
+
+    def mistake(self) -> str | None:
+        last = self.streak[-self.REPEATS:]
+        if self.kernel_ran or len(last) < self.REPEATS or len(set(last)) != 1:
+            return None
+        return (f"the last {self.REPEATS} steps failed the same way before the kernel could run "
+                f"({last[0]}) and no kernel has run in this run: a setup mistake (inventory, "
+                "playbook, host), not the commits. Fix it and start the run again.")
 
 
 def _decided(state: RunState, commit: str, ui: UI) -> StepRecord | None:

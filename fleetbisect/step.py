@@ -18,9 +18,9 @@ from pathlib import Path
 from .deadline import Deadline
 from .errors import InfraError
 from .files import write_json_atomic
-from .remote.base import Remote, RemoteError
+from .remote.base import CommandTimedOut, Remote, RemoteError, TunnelRefused
 from .remote.ssh import SSHRemote
-from .reproducers import ReproContext
+from .reproducers import ReproContext, guest_lost, host_generation, preflight
 from .reproducers import run as run_reproducer
 from .stages import boot_qemu, judge
 from .stages.build import BuildResult, build
@@ -124,7 +124,7 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
             outcome = Outcome(OutcomeKind.INFRA_ERROR, built.summary, {}, ("build.log",))
             decision = Decision(Verdict.ABORT, f"infra-error: {built.summary}; free some space")
         else:
-            outcome = Outcome(OutcomeKind.BUILD_FAILED, built.summary, {}, ("build.log",))
+            outcome = Outcome(built.kind, built.summary, {}, ("build.log",))
             decision = decide([outcome], playbook.policy_map())
         return _finish(step_dir, StepRecord(
             index, commit, subject, decision.verdict, decision.reason, [outcome], durations,
@@ -138,7 +138,7 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
         for stale in step_dir.glob("*.log"):  # a retried attempt's evidence is its own
             if stale.name != "build.log":
                 stale.unlink()
-        outcomes = _attempt(lab, built, step_dir, timed, pushed)
+        outcomes = _silent_boots(_attempt(lab, built, step_dir, timed, pushed), step_dir / "console.log")
         # The console was fetched whatever happened: what the kernel said explains the outcome.
         outcomes = judge.explain(outcomes, judge.console_findings(step_dir / "console.log"))
         outcomes = judge.apply_signature(outcomes, playbook.signature, playbook.policy_map())
@@ -158,6 +158,19 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
         index, commit, subject, decision.verdict, decision.reason, outcomes, durations,
         evidence, attempt, built.release, pushed, role,
     ))
+
+
+def _silent_boots(outcomes: list[Outcome], console: Path) -> list[Outcome]:
+    """A boot that failed without a single byte on the console: the kernel may never have
+    started (a QEMU or boot setup mistake), which the run tells apart from a broken commit."""
+    try:
+        silent = console.stat().st_size == 0
+    except OSError:
+        silent = True
+    if not silent:
+        return outcomes
+    return [Outcome(o.kind, f"{o.summary} (no console output at all)", {**o.details, "console_silent": True},
+                    o.evidence) if o.kind is OutcomeKind.BOOT_FAILED else o for o in outcomes]
 
 
 def _finish(step_dir: Path, record: StepRecord) -> StepRecord:
@@ -227,13 +240,17 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                     guest, waited = wait_ready(host, paths, endpoint, login, Deadline.after(playbook.boot.timeout))
                 except BootFailed as e:
                     return [Outcome(OutcomeKind.BOOT_FAILED, e.summary, {}, ("console.log",))]
+                except TunnelRefused as e:
+                    return [Outcome(OutcomeKind.SETUP_ERROR, f"cannot reach the guest through the host: {e}")]
+                generation = host_generation(host)
                 stack.callback(guest.close)
                 wrong = verify_kernel(guest, playbook.verify.command, built.release, Deadline.after(30))
                 if wrong:
                     return [wrong]
             with timed("reproduce"):
                 outcomes = reproduce(playbook, ReproContext(guest, host, step_dir, lab.ui.detail, vm=paths,
-                                                            vm_started=vm_started, release=built.release))
+                                                            vm_started=vm_started, release=built.release,
+                                                            host_generation=generation))
             if all(o.kind in (OutcomeKind.PASS, OutcomeKind.FAIL) for o in outcomes):
                 _save_dmesg(guest, step_dir, lab.ui)  # the guest still answers: keep its kernel log
             return outcomes
@@ -251,11 +268,29 @@ def reproduce(playbook, ctx: ReproContext) -> list[Outcome]:
         for i, spec in enumerate(specs, 1):
             parts = ([f"run{run}"] if runs > 1 else []) + ([f"{i}-{spec.kind}"] if len(specs) > 1 else [])
             ctx.log_name = "reproducer" + "".join(f"-{p}" for p in parts) + ".log"
+            if run == 1:
+                unusable = _preflight(spec, ctx)
+                if unusable:
+                    return outcomes + [unusable]
             got = run_reproducer(spec, ctx)
             outcomes += got
             if any(o.kind is not OutcomeKind.PASS for o in got):
                 return outcomes
     return outcomes
+
+
+def _preflight(spec, ctx: ReproContext) -> Outcome | None:
+    """A reproducer that cannot work in this guest is a setup error, never a verdict (checked
+    just before it runs: an earlier reproducer may prepare what it needs)."""
+    try:
+        problem = preflight(spec, ctx.guest, Deadline.after(30)) if ctx.guest is not None else None
+    except CommandTimedOut:
+        return guest_lost(ctx, f"the {spec.kind} preflight got no answer from the guest", OutcomeKind.HANG, {})
+    except RemoteError as e:
+        return guest_lost(ctx, f"the {spec.kind} preflight lost the guest: {e}", OutcomeKind.FAIL, {})
+    if problem:
+        return Outcome(OutcomeKind.SETUP_ERROR, f"the {spec.kind} reproducer cannot work in this guest: {problem}")
+    return None
 
 
 def _save_dmesg(guest: Remote, step_dir: Path, ui: UI) -> None:

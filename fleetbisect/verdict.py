@@ -19,7 +19,11 @@ class OutcomeKind(str, enum.Enum):
     BOOT_FAILED = "boot-failed"
     WRONG_KERNEL = "wrong-kernel"
     BUILD_FAILED = "build-failed"
+    BUILD_TIMEOUT = "build-timeout"  # the build ran out of time: nothing is known of the commit
     INFRA_ERROR = "infra-error"
+    # The setup cannot test any commit (a reproducer that cannot work, a host that refuses the
+    # guest tunnel, a build that ignores the release stamp): abort with the reason, at once.
+    SETUP_ERROR = "setup-error"
     UNRELATED = "unrelated"  # a failure, but not the one the playbook's signature bisects
 
 
@@ -37,7 +41,8 @@ class Verdict(str, enum.Enum):
 
 # Outcomes that say nothing about the kernel under test: never good, never bad.
 UNTESTED = frozenset({
-    OutcomeKind.WRONG_KERNEL, OutcomeKind.BUILD_FAILED, OutcomeKind.INFRA_ERROR, OutcomeKind.UNRELATED,
+    OutcomeKind.WRONG_KERNEL, OutcomeKind.BUILD_FAILED, OutcomeKind.BUILD_TIMEOUT, OutcomeKind.INFRA_ERROR,
+    OutcomeKind.SETUP_ERROR, OutcomeKind.UNRELATED,
 })
 
 
@@ -68,7 +73,9 @@ DEFAULT_POLICY: Mapping[OutcomeKind, str] = {
     OutcomeKind.BOOT_FAILED: "skip",
     OutcomeKind.WRONG_KERNEL: "skip",
     OutcomeKind.BUILD_FAILED: "skip",
+    OutcomeKind.BUILD_TIMEOUT: "skip",
     OutcomeKind.INFRA_ERROR: "retry",
+    OutcomeKind.SETUP_ERROR: "abort",
     OutcomeKind.UNRELATED: "skip",
 }
 
@@ -118,3 +125,36 @@ def decide(
         if action == "bad":
             return Decision(Verdict.BAD, f"{o.kind.value}: {o.summary}")
     return Decision(Verdict.GOOD, f"{len(outcomes)} run(s): " + "; ".join(o.summary for o in outcomes))
+
+
+# A step that stopped at the build: says nothing about the kernel, nor about the setup.
+BUILD_KINDS = frozenset({OutcomeKind.BUILD_FAILED, OutcomeKind.BUILD_TIMEOUT})
+
+# Outcomes that show the kernel under test never ran: the host, the link or the setup failed
+# first, the guest ran another kernel, or QEMU never got a word out of it.
+_NEVER_RAN = frozenset({OutcomeKind.INFRA_ERROR, OutcomeKind.SETUP_ERROR, OutcomeKind.WRONG_KERNEL})
+
+
+def never_ran(outcomes: Sequence[Outcome]) -> str | None:
+    """A signature of how a step failed before the built kernel could run, or None when the
+    kernel ran (or the step is a build failure, which a broken commit explains by itself).
+
+    Two steps with the same signature in a run where no kernel has run yet are a setup
+    mistake, not two commits that fail the same way."""
+    if not outcomes:
+        return None
+    sigs = []
+    for o in outcomes:
+        silent_boot = o.kind is OutcomeKind.BOOT_FAILED and o.details.get("console_silent")
+        if o.kind not in _NEVER_RAN and not silent_boot:
+            return None
+        sigs.append(f"{o.kind.value}: {_shape(o.summary)}")
+    return "; ".join(sigs)
+
+
+def _shape(text: str) -> str:
+    """The summary with its numbers and commit ids blanked: the same failure, commit after
+    commit, has the same shape."""
+    import re
+
+    return re.sub(r"\b[0-9a-f]{7,40}\b|\d+(?:\.\d+)?", "#", text)

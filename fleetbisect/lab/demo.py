@@ -16,6 +16,7 @@ import yaml
 from ..config.inventory import load_inventory
 from ..config.playbook import load_playbook
 from ..errors import UserError
+from ..report import answer_line
 from ..run import start_run
 from ..ui import UI
 from .vmhost import free_port
@@ -83,13 +84,14 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
             playbook=playbook, playbook_path=playbook_path, run_dir=base / "run", ui=ui,
         )
     seeded = repo.culprit
-    if report.culprit == seeded:
+    found = report.culprit == seeded and report.status == "found"
+    if found:
         ui.good(
             f"found the seeded regression in {len(report.steps)} steps: "
             f"{report.culprit[:12]} {report.culprit_subject}"
         )
     else:
         ui.error(f"expected the seeded regression {seeded[:12]}, the run says: {report.message}")
-    print(f"first bad commit: {report.culprit} {report.culprit_subject or ''}".rstrip())
     print(f"run directory: {report.run_dir}")
-    return 0 if report.culprit == seeded else 1
+    print(answer_line(report.status, report.culprit, report.culprit_subject, report.message))
+    return 0 if found else 1

@@ -174,8 +174,10 @@ class LabHost:
 
     @classmethod
     def start(cls, base_dir: Path, *, name: str = "lab-host", timeout: float = START_TIMEOUT,
-              sftp: str | None = None) -> "LabHost":
-        """Start sshd; `sftp` overrides the SFTP subsystem (a sftp-server path or internal-sftp)."""
+              sftp: str | None = None, sshd_options: tuple[str, ...] = ()) -> "LabHost":
+        """Start sshd; `sftp` overrides the SFTP subsystem (a sftp-server path or internal-sftp);
+        `sshd_options` are sshd_config lines that win over the lab's (e.g. a host that refuses
+        TCP forwarding: "AllowTcpForwarding no")."""
         base_dir = Path(base_dir).resolve()
         base_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -191,7 +193,7 @@ class LabHost:
         last_error = ""
         for _ in range(3):  # a free port can be taken between probing and binding: retry
             port = free_port()
-            proc = cls._launch(base_dir, port, sftp or sftp_subsystem())
+            proc = cls._launch(base_dir, port, sftp or sftp_subsystem(), sshd_options)
             host = cls(name, base_dir, port, user, proc)
             if host._wait_ready(timeout):
                 (base_dir / "known_hosts").write_text(
@@ -205,10 +207,11 @@ class LabHost:
         raise LabHostError(f"lab sshd {name} did not start: {last_error or 'no log output'}")
 
     @staticmethod
-    def _launch(base_dir: Path, port: int, sftp: str) -> subprocess.Popen:
+    def _launch(base_dir: Path, port: int, sftp: str, options: tuple[str, ...] = ()) -> subprocess.Popen:
         config = base_dir / "sshd_config"
         config.write_text(
             "\n".join([
+                *options,  # sshd takes the first value of a keyword: these win
                 "ListenAddress 127.0.0.1",
                 f"Port {port}",
                 f"HostKey {base_dir / 'ssh_host_ed25519_key'}",

@@ -30,6 +30,11 @@ class ConnectFailed(RemoteError):
     """Could not connect or authenticate within the deadline."""
 
 
+class TunnelRefused(ConnectFailed):
+    """The host refuses to forward a connection at all (`AllowTcpForwarding no`, a
+    `permitopen` restriction): a setup mistake, not a guest that is still booting."""
+
+
 class HostKeyError(UserError):
     """The host key is unknown or does not match: never accepted silently.
 

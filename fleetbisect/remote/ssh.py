@@ -47,6 +47,7 @@ from .base import (
     SSHParams,
     TransferStats,
     TransferTimedOut,
+    TunnelRefused,
     bounded,
     command_string,
     host_key_line,
@@ -209,6 +210,11 @@ class SSHRemote:
             return transport.open_channel(
                 "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=_left(deadline)
             )
+        except paramiko.ChannelException as e:
+            if e.code == paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+                raise TunnelRefused(self.name, f"refuses to forward connections to {host}:{port} "
+                                    f"({_short(e)}): is AllowTcpForwarding off in its sshd_config?") from None
+            raise ConnectFailed(self.name, f"cannot open a tunnel to {host}:{port}: {_short(e)}") from None
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise ConnectFailed(self.name, f"cannot open a tunnel to {host}:{port}: {_short(e)}") from None
 

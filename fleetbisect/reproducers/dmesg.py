@@ -50,3 +50,11 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
                         {}, (ctx.log_name,))]
     out = judge(spec, res.stdout)
     return [Outcome(out.kind, out.summary, out.details, (ctx.log_name,))]
+
+
+def preflight(spec, guest, deadline: Deadline) -> str | None:
+    """The kernel log must be readable (dmesg_restrict and a non-root user make it fail)."""
+    res = guest.run(spec.command + " >/dev/null", deadline=deadline)
+    if not res.ok:
+        return f"`{spec.command}` exited {res.exit_status} in the guest: {res.stderr.strip()[-200:]}"
+    return None

@@ -8,13 +8,61 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from ..deadline import Deadline
-from ..remote.base import RemoteError, TransferTimedOut
+from ..remote.base import Remote, RemoteError, TransferTimedOut
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext, guest_lost
 
 BLOCK = 1 << 20
+
+# $1 dest, $2 bytes. Prints why the guest cannot hold the file there, or nothing. Read-only,
+# but for a probe file created and removed next to the destination.
+_PREFLIGHT = r"""
+d=$1; size=$2
+case "$d" in /*) ;; *) echo "dest $d is not an absolute path"; exit 0;; esac
+if [ -e "$d" ] && [ ! -f "$d" ]; then echo "dest $d exists and is not a regular file: a copy there proves nothing"; exit 0; fi
+dir=$(dirname "$d")
+[ -d "$dir" ] || { echo "the directory $dir does not exist in the guest"; exit 0; }
+probe="$dir/.fleetbisect-probe.$$"
+if ! : > "$probe" 2>/dev/null; then echo "cannot create files in $dir (read-only or not permitted)"; exit 0; fi
+rm -f "$probe"
+set -- $(df -Pk "$dir" 2>/dev/null | awk 'NR==2 {print $2, $4}')
+have=0; [ -f "$d" ] && have=$(($(wc -c < "$d") / 1024))
+if [ "${1:-0}" -gt 0 ] && [ $(( (${2:-0} + have) * 1024 )) -lt "$size" ]; then
+  echo "only $(( ${2:-0} + have )) KiB free for $d in the guest, the file is $((size / 1024)) KiB"
+fi
+"""
+
+# What a write into the guest says when the guest's environment, not its kernel, refused it.
+_ENVIRONMENT = re.compile(
+    r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|"
+    r"Operation not permitted|No such file or directory|Is a directory|bytes written, expected",
+    re.IGNORECASE,
+)
+
+
+def preflight(spec, guest: Remote, deadline: Deadline) -> str | None:
+    """Why `dest` cannot receive `size` bytes in this guest, or None."""
+    res = guest.run(["sh", "-c", _PREFLIGHT, "sh", spec.dest, str(spec.size)], deadline=deadline)
+    problem = res.stdout.strip()
+    if not res.ok and not problem:
+        problem = f"the preflight exited {res.exit_status}: {res.stderr.strip()[-200:]}"
+    return problem or None
+
+
+def environment_fault(spec, ctx: ReproContext, error: str) -> str | None:
+    """Why a failed transfer is the guest's environment's fault (a full or read-only disk, a
+    missing directory), or None when the guest cannot say (it is gone: the kernel's business)."""
+    try:
+        problem = preflight(spec, ctx.guest, Deadline.after(15))
+    except RemoteError:
+        problem = None  # the guest stopped answering: not an environment question
+    if problem:
+        return problem
+    m = _ENVIRONMENT.search(error)
+    return f"the guest's filesystem refused the write ({m.group(0)})" if m else None
 
 
 class PatternSource:
@@ -67,6 +115,15 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
                 )]
             except RemoteError as e:
                 record({"iteration": i, "error": str(e)})
+                fault = environment_fault(spec, ctx, str(e))
+                if fault:
+                    return [Outcome(
+                        OutcomeKind.INFRA_ERROR,
+                        f"transfer {i}/{spec.iterations} failed in the guest's environment, not its "
+                        f"kernel: {fault}",
+                        {"iterations": iterations, "bytes_total": total, "error": str(e)},
+                        (ctx.log_name,),
+                    )]
                 return [guest_lost(
                     ctx,
                     f"transfer {i}/{spec.iterations} failed: {e}",

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..deadline import Deadline
 from ..localexec import run_logged
 from ..search.gitbisect import git
+from ..verdict import OutcomeKind
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class BuildResult:
     release: str | None = None  # the kernel release the build stamped, if the tree says
     artifacts: dict[str, Path] = field(default_factory=dict)
     disk_full: bool = False  # it failed for want of space: no verdict about the commit at all
+    kind: OutcomeKind = OutcomeKind.BUILD_FAILED  # what a failure says: failed, timeout, setup
 
 
 def localversion(commit: str) -> str:
@@ -58,7 +60,8 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
                 git(tree, "reset", "--hard", "--quiet", commit)
     seconds = time.monotonic() - started
     if status is None:
-        return BuildResult(False, f"build timed out after {spec.timeout:.0f}s", log_path, seconds)
+        return BuildResult(False, f"build timed out after {spec.timeout:.0f}s (build.timeout)", log_path,
+                           seconds, kind=OutcomeKind.BUILD_TIMEOUT)
     if status != 0:
         if _disk_full(log_path):
             return BuildResult(False, f"the build ran out of disk space in {tree} (exit {status})",
@@ -80,12 +83,15 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
         if rf.is_file():
             release = rf.read_text().strip() or None
     if spec.localversion and (release is None or not release.endswith(localversion(commit))):
-        # The build did not stamp this commit into the kernel: it may have left a stale one.
+        # The build did not stamp this commit into the kernel: a build command that ignores
+        # LOCALVERSION, or stale artifacts. No step could prove its kernel: a setup mistake.
         return BuildResult(
             False,
-            f"build did not stamp {localversion(commit)} into the kernel release "
-            f"({spec.release_file}: {release!r}); stale artifacts?",
-            log_path, seconds,
+            f"the build did not stamp {localversion(commit)} into the kernel release "
+            f"({spec.release_file}: {release!r}): does build.command pass LOCALVERSION to make, "
+            "or leave stale artifacts? (or set build.localversion: false, and the running kernel "
+            "is checked by its release only)",
+            log_path, seconds, kind=OutcomeKind.SETUP_ERROR,
         )
     return BuildResult(True, "built", log_path, seconds, release, artifacts)
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from ..deadline import Deadline
-from ..remote.base import Remote, RemoteError
+from ..remote.base import Remote, RemoteError, TunnelRefused
 from ..verdict import Outcome, OutcomeKind
 from .boot_qemu import VMPaths, vm_alive
 
@@ -46,7 +46,9 @@ def probe_banner(endpoint: GuestEndpoint, timeout: float = PROBE_TIMEOUT) -> boo
     """True when something at the endpoint sends an SSH banner within `timeout`."""
     try:
         stream = endpoint.open(timeout)
-    except Exception:  # noqa: BLE001 - whatever stops the stream opening means "not yet"
+    except TunnelRefused:
+        raise  # the host will never forward it: waiting out the boot timeout cannot help
+    except Exception:  # noqa: BLE001 - whatever else stops the stream opening means "not yet"
         return False
     try:
         stream.settimeout(timeout)
@@ -74,7 +76,8 @@ def wait_ready(
 ) -> tuple[Remote, float]:
     """Poll until the guest's sshd answers, then log in. Returns (guest, seconds waited).
 
-    Raises BootFailed when QEMU exits or the deadline passes first.
+    Raises BootFailed when QEMU exits or the deadline passes first, TunnelRefused when the
+    host will not forward to the guest at all.
     """
     started = time.monotonic()
     next_alive = started + alive_every

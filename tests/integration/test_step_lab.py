@@ -102,8 +102,9 @@ def test_a_build_that_does_not_stamp_the_commit_is_never_tested(
     step(tree, host_cfg, playbook, lab_repo.shas[2], tmp_path, "old")
     lazy, _ = playbook_variant({"build": {"command": "true"}})  # leaves commit 2's artifacts
     _, rec = step(tree, host_cfg, lazy, lab_repo.shas[4], tmp_path, "new")
-    assert rec.verdict is Verdict.SKIP
-    assert rec.outcomes[0].kind is OutcomeKind.BUILD_FAILED
+    # Not a skip (every commit would be skipped alike): the setup is wrong, the run stops.
+    assert rec.verdict is Verdict.ABORT
+    assert rec.outcomes[0].kind is OutcomeKind.SETUP_ERROR
     assert "did not stamp" in rec.outcomes[0].summary
 
 
