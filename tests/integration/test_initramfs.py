@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -28,11 +27,13 @@ def boot(assets, initrd, console, timeout=90):
     )
     try:
         proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass  # the caller's assertion on the exit says it did not power off
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return console.read_text(errors="replace")
+    return proc.returncode, console.read_text(errors="replace")
 
 
 @pytest.mark.parametrize("status,verdict", [(0, "FLEETBISECT-RESULT: PASS"), (7, "FLEETBISECT-RESULT: FAIL exit=7")])
@@ -44,12 +45,11 @@ def test_built_image_runs_the_reproducer_as_init_and_powers_off(assets, tmp_path
     p = subprocess.run([sys.executable, "-m", "fleetbisect", "initramfs", "build", str(repro), "-o", str(out)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    started = time.monotonic()
-    text = boot(assets, out, tmp_path / "console.log")
+    code, text = boot(assets, out, tmp_path / "console.log")
     assert "repro: round 1 ok" in text
     assert verdict in text
     assert f"FLEETBISECT-READY release={assets.kernel_release}" in text
-    assert time.monotonic() - started < 90  # it powered off by itself
+    assert code == 0  # QEMU exited by itself (-no-reboot): init powered the guest off
 
 
 def test_a_reproducer_that_is_not_executable_is_a_clear_error(tmp_path):
