@@ -18,6 +18,7 @@ from .errors import FleetbisectError
 from .remote.base import Remote, TunnelRefused
 from .remote.ssh import SSHRemote
 from .reproducers import preflight
+from .stages.ready import kernel_identity
 from .ui import UI
 
 MIN_FREE_MB = 2048
@@ -43,21 +44,10 @@ if command -v timeout >/dev/null; then echo "timeout	ok	remote commands are boun
 """
 
 
-def kernel_identity(playbook) -> Probe:
-    """How a step proves the guest runs the kernel it built; said out loud when it cannot."""
-    build = playbook.build
-    if playbook.console_only:
-        return Probe("kernel identity", True, "not verified: a console reproducer never reaches the "
-                     "guest (the console's own `Linux version` line is the only evidence)", warning=True)
-    if build.release_file is None:
-        return Probe("kernel identity", True, "NOT verified: build.release_file is null, so a guest that "
-                     "boots another kernel would be judged as this commit", warning=True)
-    if not build.localversion:
-        return Probe("kernel identity", True, f"release only: `{playbook.verify.command}` must print "
-                     f"{build.release_file}, which two commits can share (build.localversion: false)",
-                     warning=True)
-    return Probe("kernel identity", True, f"verified: `{playbook.verify.command}` must print "
-                 f"{build.release_file}, stamped with -fb<commit> by LOCALVERSION")
+def identity_probe(playbook) -> Probe:
+    level, why = kernel_identity(playbook)
+    label = {"verified": "verified", "release-only": "release only", "not-verified": "NOT verified"}[level]
+    return Probe("kernel identity", True, f"{label}: {why}", warning=level != "verified")
 
 
 def probe_guest_path(host: Remote, host_cfg, playbook) -> list[Probe]:
@@ -111,7 +101,7 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
 
 def check_host(host_cfg, playbook, ui: UI) -> bool:
     probes = [Probe("config", True, f"inventory and playbook {playbook.name!r} are valid"),
-              kernel_identity(playbook)]
+              identity_probe(playbook)]
     probes += probe_host(host_cfg, playbook)
     table = Table(title=f"check {host_cfg.name}", show_header=True)
     for col in ("probe", "", "detail"):

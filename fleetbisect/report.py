@@ -33,6 +33,9 @@ class Report:
     status: str = "running"
     message: str = ""
     confirmed: bool | None = None  # None: not retested (confirm: 0, or no culprit)
+    # How the running kernel was proved to be the build: verified | release-only | not-verified
+    kernel_identity: str = "verified"
+    kernel_identity_note: str = ""
 
     def to_json(self) -> dict:
         return {
@@ -51,6 +54,8 @@ class Report:
             "culprit_subject": self.culprit_subject,
             "culprit_author": self.culprit_author,
             "confirmed": self.confirmed,
+            "kernel_identity": self.kernel_identity,
+            "kernel_identity_note": self.kernel_identity_note,
             "candidates": self.candidates,
             "bisect_log": "bisect.log",
             "steps": [s.to_json() for s in self.steps],
@@ -82,6 +87,7 @@ def render_markdown(data: dict) -> str:
         f"- repository: `{data['repo']}`",
         f"- range: good `{data['good'][:12]}`, bad `{data['bad'][:12]}`",
         f"- playbook: `{data['playbook']}` (digest `{data['playbook_digest'][:12]}`)",
+        f"- running kernel checked: {data.get('kernel_identity', '?')} ({data.get('kernel_identity_note', '')})",
         f"- started {data['started']}, {data['elapsed']:.0f}s, {len(data['steps'])} steps",
         "",
         "| # | commit | verdict | why | " + " | ".join(STAGES) + " | evidence |",

@@ -26,6 +26,7 @@ from .lease import Lease, LeaseKeeper
 from .remote.base import RemoteError
 from .report import Report
 from .search.gitbisect import Bisect, git, resolve, subject
+from .stages.ready import kernel_identity
 from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, run_step
 from .ui import UI, log_to_file
 from .verdict import BUILD_KINDS, Verdict, never_ran
@@ -122,6 +123,9 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
             spec.playbook_digest,
         )
         report.steps = [StepRecord.from_json(s) for s in state.steps]
+        report.kernel_identity, report.kernel_identity_note = kernel_identity(playbook)
+        if report.kernel_identity != "verified":
+            ui.warn(f"the running kernel's identity is {report.kernel_identity}: {report.kernel_identity_note}")
         report.write()
         hooks = Hooks(
             {e: [*getattr(playbook.hooks, e), *spec.hooks.get(e, [])] for e in EVENTS}, ui,

@@ -114,3 +114,20 @@ def verify_kernel(guest: Remote, command: str, expected: str | None, deadline: D
             {"running": running, "expected": expected},
         )
     return None
+
+
+def kernel_identity(playbook) -> tuple[str, str]:
+    """How a step proves the guest runs the kernel it built: ("verified" | "release-only" |
+    "not-verified", why). Said out loud by `check`, the run and the report when it is weak."""
+    build = playbook.build
+    if playbook.console_only:
+        return "not-verified", ("a console reproducer never reaches the guest: nothing checks which "
+                                "kernel booted")
+    if build.release_file is None:
+        return "not-verified", ("build.release_file is null: a guest that boots another kernel would "
+                                "be judged as this commit")
+    if not build.localversion:
+        return "release-only", (f"`{playbook.verify.command}` must print {build.release_file}, which "
+                                "two commits can share (build.localversion: false)")
+    return "verified", (f"`{playbook.verify.command}` must print {build.release_file}, stamped "
+                        "-fb<commit> through LOCALVERSION")

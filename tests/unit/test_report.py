@@ -60,3 +60,18 @@ def test_status_of_a_stopped_run_says_how_to_resume(tmp_path):
     out = status(tmp_path)
     assert "stopped" in out and "was started and not finished" in out
     assert f"fleetbisect resume {tmp_path}" in out
+
+
+def test_the_report_says_when_the_running_kernel_is_not_verified(tmp_path):
+    from fleetbisect.config.playbook import load_playbook
+    from fleetbisect.stages.ready import kernel_identity
+
+    pb = tmp_path / "pb.yaml"
+    pb.write_text("name: t\nbuild: {localversion: false, release_file: null}\n"
+                  "reproducer: {kind: command, command: 'true', timeout: 5s}\n")
+    r = Report(tmp_path, "/repo", "a" * 40, "b" * 40, "h", "pb.yaml", "d" * 64)
+    r.kernel_identity, r.kernel_identity_note = kernel_identity(load_playbook(pb))
+    r.write()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["kernel_identity"] == "not-verified" and "release_file is null" in data["kernel_identity_note"]
+    assert "running kernel checked: not-verified" in (tmp_path / "report.md").read_text()
