@@ -129,3 +129,37 @@ def test_git_bisect_run_stops_on_a_configuration_that_crashes(lab_repo, inventor
     assert "first bad commit" not in run.stdout
     log = git("bisect", "log").stdout
     assert not [m for m in marks(log) if lab_repo.good not in m and lab_repo.bad not in m], log
+
+
+def test_check_runs_the_reproducer_preflight_in_a_guest_that_answers(
+    inventory_file, host_cfg, lab_host, assets, playbook_variant, ssh, tmp_path
+):
+    """With a guest up at the inventory's address, `check` logs in and finds that scp-stress
+    into /dev/null cannot work, before any run marks a commit."""
+    from fleetbisect.deadline import Deadline
+    from fleetbisect.stages import boot_qemu
+    from fleetbisect.stages.ready import GuestEndpoint, probe_banner
+
+    _, playbook = playbook_variant({"reproducer": {"dest": "/dev/null"}})
+    paths = boot_qemu.VMPaths.under(host_cfg.work_dir)
+    from fleetbisect.config.playbook import load_playbook
+
+    loaded = load_playbook(playbook)
+    argv = boot_qemu.qemu_argv(host_cfg.target, loaded.boot, kernel=str(assets.kernel),
+                               initrd=str(assets.base_initramfs), paths=paths)
+    assert boot_qemu.start_vm(ssh, argv, paths, Deadline.after(60)).ok
+    try:
+        guest = host_cfg.target.guest
+        endpoint = GuestEndpoint(guest.address, guest.port)
+        deadline = Deadline.after(120)
+        while not probe_banner(endpoint) and not deadline.expired:
+            assert boot_qemu.vm_alive(ssh, paths, Deadline.after(15)), "the lab guest did not boot"
+        p = fleetbisect("--json", "check", "--host", lab_host.name, "--playbook", str(playbook),
+                        "--inventory", str(inventory_file))
+    finally:
+        boot_qemu.stop_vm(ssh, paths, Deadline.after(60))
+    assert p.returncode == 1, p.stdout + p.stderr
+    found = probes(p)
+    assert found["guest path"]["ok"] and "a guest answers" in found["guest path"]["detail"]
+    repro = found["reproducer scp-stress"]
+    assert not repro["ok"] and "/dev/null exists and is not a regular file" in repro["detail"]
