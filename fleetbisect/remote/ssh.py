@@ -118,10 +118,13 @@ class SSHRemote:
         chan.fleetbisect_generation = generation
         return chan
 
-    def tunnel_lost(self, chan: paramiko.Channel) -> str | None:
+    def tunnel_lost(self, chan: paramiko.Channel, deadline: Deadline | None = None) -> str | None:
         """Why the host connection under a tunnel of `open_tunnel` is gone, or None while it
         is the live one. Call it after a failure on that tunnel: a reason means the link
-        failed (infra-error), not what ran through it."""
+        failed (infra-error), not what ran through it. paramiko notices a dead connection
+        late (`is_active()` stays true for a while, or for good when the peer vanished without
+        a RST): with a `deadline`, a connection that looks alive is probed (a session opened
+        and closed within the deadline), and one that fails the probe is cut."""
         generation = getattr(chan, "fleetbisect_generation", None)
         if generation is None:
             raise ValueError(f"{self.name}: not a tunnel opened by open_tunnel")
@@ -130,6 +133,11 @@ class SSHRemote:
                 return (f"the connection to {self.name} under this tunnel was cut and "
                         f"re-established (connection {generation} -> {self.generation})")
             transport = self._transport
+            if deadline is not None and self._broken is None and transport is not None:
+                try:
+                    transport.open_session(timeout=_left(deadline)).close()
+                except (paramiko.SSHException, OSError, EOFError) as e:
+                    self._cut(f"a probe failed: {_short(e)}")
             if self._broken is not None or transport is None or not transport.is_active():
                 return (f"the connection to {self.name} under this tunnel was cut "
                         f"({self._broken or 'closed by the peer'})")
@@ -541,6 +549,22 @@ def _jump_channel(params: SSHParams, via: paramiko.Transport, hop: Endpoint, to:
                             f"{to.host}:{to.port}: {what}") from None
 
 
+class _ChannelSocket:
+    """A channel (of a tunnel or a jump host) as the socket of a transport. When the connection
+    under it dies, paramiko closes it from the transport's thread, and a channel close that
+    cannot be sent there raises EOFError, printed as a thread traceback: swallow it."""
+
+    def __init__(self, chan: paramiko.Channel):
+        self._chan = chan
+
+    def __getattr__(self, name: str):
+        return getattr(self._chan, name)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._chan.close()
+
+
 def _open_transport(params: SSHParams, ep: Endpoint, deadline: Deadline, sock) -> paramiko.Transport:
     """TCP connect (unless `sock`), handshake with the preferred ciphers, host key check,
     public-key auth: all within `deadline`. Raises ConnectFailed / HostKeyError."""
@@ -560,6 +584,8 @@ def _open_transport(params: SSHParams, ep: Endpoint, deadline: Deadline, sock) -
             raise ConnectFailed(params.name, ep.prefix() + f"cannot connect to {ep.host}:{ep.port}: "
                                 f"{e.strerror or _short(e)}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif isinstance(sock, paramiko.Channel):
+        sock = _ChannelSocket(sock)
     transport = None
     try:
         transport = paramiko.Transport(sock)
