@@ -610,7 +610,8 @@ def _open_transport(params: SSHParams, ep: Endpoint, deadline: Deadline, sock) -
         done.wait(_left(deadline))
         if not done.is_set() or not transport.is_active():
             error = transport.get_exception()
-            what = f"failed: {_short(error)}" if error else f"timed out after {deadline.seconds:.0f}s"
+            what = (f"failed: {_short(error)}" if error and not deadline.expired
+                    else f"timed out after {deadline.seconds:.0f}s")
             raise ConnectFailed(params.name, ep.prefix() + f"SSH handshake with {ep.host}:{ep.port} {what}")
         check_host_key(params.name, ep, transport.get_remote_server_key(), expected, fix)
         _authenticate(transport, params, ep, deadline)
