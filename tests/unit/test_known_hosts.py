@@ -18,7 +18,6 @@ from fleetbisect.remote.endpoint import check_host_key, expected_keys, resolve
 from fleetbisect.remote.known_hosts import HostKeys, host_matches, parse_file, parse_line
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBVp2mxsRYc5o0d0Ptjb7hoa+mFPh9BoVYqsSP3i8pA9"
-KEY_B = paramiko.Ed25519Key  # generated per test below
 
 
 def new_key(tmp_path: Path, name: str = "k") -> str:
@@ -249,3 +248,12 @@ def test_openssh_config_trusts_exactly_what_paramiko_trusts(tmp_path, monkeypatc
     assert hop["hostname"] == "bastion.example"
     assert hop["identityfile"] == ep.jumps[0].key_files[0] == f"/keys/b{tmp_path}"  # read back as is
     assert "proxyjump" not in hop
+
+
+def test_inventory_ssh_config_reaches_the_params(tmp_path, monkeypatch):
+    from fleetbisect.config.inventory import SSH
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    params = SSH(alias="lab", ssh_config="~/fleet/ssh_config").params("h1")
+    assert params.ssh_config == str(tmp_path / "fleet" / "ssh_config")
+    assert SSH(address="10.0.0.1").params("h1").ssh_config is None
