@@ -33,6 +33,7 @@ class SSH(Strict):
 
     address: str | None = None
     alias: str | None = None  # a Host entry of ~/.ssh/config; explicit fields win over it
+    ssh_config: str | None = None  # an ssh_config file read instead of ~/.ssh/config
     port: int | None = Field(default=None, ge=1, le=65535)
     user: str | None = None
     key: str | None = None  # private key file; default: ssh-agent and ~/.ssh/id_*
@@ -49,6 +50,7 @@ class SSH(Strict):
             port=self.port,
             user=self.user,
             alias=self.alias,
+            ssh_config=os.path.expanduser(self.ssh_config) if self.ssh_config else None,
             key_files=(os.path.expanduser(self.key),) if self.key else (),
             known_hosts=(os.path.expanduser(self.known_hosts),) if self.known_hosts else (),
             host_keys=host_keys,

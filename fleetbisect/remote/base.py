@@ -99,8 +99,9 @@ class TransferStats:
 class SSHParams:
     """Everything needed to open one SSH connection; built from the inventory.
 
-    `alias` is resolved through the user's ssh_config (HostName, Port, User, IdentityFile);
-    explicit fields win over it. Host keys are checked against `known_hosts` files, or against
+    `alias` is resolved through ssh_config (HostName, Port, User, IdentityFile,
+    UserKnownHostsFile, ProxyJump; see remote/endpoint.py): the file `ssh_config` when set,
+    else ~/.ssh/config and /etc/ssh/ssh_config. Explicit fields win over it. Host keys are checked against `known_hosts` files, or against
     `host_keys` (public key lines, e.g. a guest key baked into the image); an unknown or
     different key raises HostKeyError.
     """
@@ -110,6 +111,7 @@ class SSHParams:
     port: int | None = None
     user: str | None = None
     alias: str | None = None
+    ssh_config: str | None = None  # an ssh_config file read instead of ~/.ssh/config
     key_files: tuple[str, ...] = ()
     known_hosts: tuple[str, ...] = ()
     host_keys: tuple[str, ...] = ()  # "ssh-ed25519 AAAA..." lines; checked instead of known_hosts

@@ -16,6 +16,11 @@ How the deadlines hold (paramiko has traps, see DESIGN.md):
   class opened itself) or raises RemoteError (ones over a handed-in `sock`, e.g. a tunnel).
 - `transport.is_active()` stays true after a peer vanished without a RST, so it is never
   trusted as "alive"; keepalives plus deadlines are.
+
+Where to connect and which host key to trust is decided in endpoint.py (ssh_config,
+ProxyJump, known_hosts via known_hosts.py); connect.py opens the connection (through the jump
+hosts, if any). `SSHRemote.generation` and `tunnel_lost` tell a guest session riding this
+connection (`open_tunnel`) that the host link under it was cut or re-established.
 """
 
 from __future__ import annotations
@@ -24,22 +29,18 @@ import contextlib
 import logging
 import os
 import select
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 import paramiko
-from paramiko.hostkeys import HostKeyEntry, HostKeys
 
 from ..deadline import Deadline
 from . import openssh
 from .base import (
     CommandTimedOut,
     ConnectFailed,
-    HostKeyError,
     Progress,
     RemoteCommandFailed,
     RemoteError,
@@ -50,8 +51,9 @@ from .base import (
     TunnelRefused,
     bounded,
     command_string,
-    host_key_line,
 )
+from .connect import close_all, left as _left, open_chain, short as _short
+from .endpoint import Endpoint, resolve
 from .local import OutputTail
 
 log = logging.getLogger("fleetbisect.remote")
@@ -61,130 +63,33 @@ WRITE_CHUNK = 1 << 20  # bytes handed to the SFTP file per write
 READ_CHUNK = 1 << 20
 GRACE = 1.0  # how long a command may stay blocked past its deadline before the connection is cut
 # (transfers get no grace: a transfer past its deadline has failed, and its connection is cut)
-DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
-DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
-
-
-# --- resolving params ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where and as whom to connect, after ssh_config and defaults were applied."""
-
-    host: str
-    port: int
-    user: str
-    key_files: tuple[str, ...]
-    known_hosts: tuple[str, ...]
-    use_agent: bool = field(default=True)
-
-    @property
-    def known_hosts_name(self) -> str:
-        """The name OpenSSH files the host key under: `[host]:port` unless the port is 22."""
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-
-
-def resolve(params: SSHParams, ssh_config_path: str | None = None) -> Endpoint:
-    """Apply the user's ssh_config for `params.alias` (through fabric); explicit params win."""
-    host, port, user = params.host, params.port, params.user
-    keys = tuple(params.key_files)
-    known = tuple(params.known_hosts)
-    if params.alias:
-        from fabric import Config, Connection
-
-        config = Config(runtime_ssh_path=ssh_config_path) if ssh_config_path else Config()
-        conn = Connection(params.alias, config=config)
-        host = host or conn.host
-        port = port or conn.port
-        user = user or conn.user
-        if not keys:
-            keys = tuple(os.path.expanduser(k) for k in conn.ssh_config.get("identityfile", []))
-        if not known and conn.ssh_config.get("userknownhostsfile"):
-            known = tuple(conn.ssh_config["userknownhostsfile"].split())
-    if not host:
-        raise ConnectFailed(params.name, "no address: set the host's address or an ssh alias")
-    if not user:
-        import pwd
-
-        user = pwd.getpwuid(os.getuid()).pw_name
-    known = tuple(os.path.expanduser(k) for k in (known or DEFAULT_KNOWN_HOSTS))
-    return Endpoint(host, int(port or 22), user, keys, known, use_agent=not params.key_files)
-
-
-# --- host keys ----------------------------------------------------------------------------
-
-
-def _describe(key: paramiko.PKey) -> str:
-    return f"{key.get_name()} {key.fingerprint}"
-
-
-def _expected_keys(params: SSHParams, ep: Endpoint) -> tuple[list[tuple[str, paramiko.PKey]], str]:
-    """[(source, key)] known for this endpoint, and where the user would fix it."""
-    name = ep.known_hosts_name
-    found: list[tuple[str, paramiko.PKey]] = []
-    if params.host_keys:
-        for line in params.host_keys:
-            text = host_key_line(line)
-            try:
-                entry = HostKeyEntry.from_line(f"{name} {text}")
-            except Exception as e:  # noqa: BLE001 - a malformed line is the user's to fix
-                raise HostKeyError(params.name, f"cannot parse the configured host key {text[:40]!r}: {e}")
-            if entry is None:
-                raise HostKeyError(params.name, f"cannot parse the configured host key {text[:40]!r}")
-            found.append(("the configured host key", entry.key))
-        return found, "the host key configured for it (host_keys)"
-    for path in ep.known_hosts:
-        if not os.path.exists(path):
-            continue  # a missing file is an empty one
-        keys = HostKeys()
-        try:
-            keys.load(path)
-        except (OSError, paramiko.SSHException, ValueError) as e:
-            raise HostKeyError(params.name, f"cannot read known_hosts file {path}: {e}")
-        for key in (keys.lookup(name) or {}).values():
-            found.append((path, key))
-    return found, ep.known_hosts[0]
-
-
-def check_host_key(params: SSHParams, ep: Endpoint, offered: paramiko.PKey,
-                   expected: list[tuple[str, paramiko.PKey]], fix: str) -> None:
-    """Raise HostKeyError unless `offered` is one of the expected keys."""
-    if any(key == offered for _, key in expected):
-        return
-    name = ep.known_hosts_name
-    same_type = [src for src, key in expected if key.get_name() == offered.get_name()]
-    if same_type:
-        where = same_type[0]
-        hint = (
-            f"if the host was really reinstalled, remove the old entry "
-            f"(ssh-keygen -R '{name}' -f {where})"
-            if where != "the configured host key" else "update the configured host key"
-        )
-        raise HostKeyError(
-            params.name,
-            f"HOST KEY MISMATCH for {name}: it offered {_describe(offered)}, which differs from "
-            f"the key in {where}; refusing to connect ({hint})",
-        )
-    raise HostKeyError(
-        params.name,
-        f"unknown host key for {name}: it offered {_describe(offered)}; after checking that "
-        f"fingerprint, add it to {fix} (e.g. ssh-keyscan -p {ep.port} {ep.host} >> {fix})",
-    )
 
 
 # --- the remote ---------------------------------------------------------------------------
 
 
 class SSHRemote:
-    """A Remote over one SSH connection (see the module docstring for the deadline rules)."""
+    """A Remote over one SSH connection (see the module docstring for the deadline rules).
+
+    `generation` counts the transports this remote has opened: 1 after `connect`, one more
+    each time a call found the connection broken and reconnected. A tunnel from `open_tunnel`
+    remembers the generation it was opened on, so `tunnel_lost(chan)` can tell a caller whose
+    guest session failed that the host connection under it was cut (and perhaps silently
+    re-established): a fault of the link, infra-error, never the kernel's.
+
+    With ProxyJump the connection is a chain: a transport per hop (each with its host key
+    checked), the next one riding a `direct-tcpip` channel of the previous; they are opened,
+    reconnected and closed together.
+    """
 
     def __init__(self, params: SSHParams, endpoint: Endpoint, transport: paramiko.Transport,
-                 own_socket: bool):
+                 own_socket: bool, jumps: Sequence[paramiko.Transport] = ()):
         self.name = params.name
         self.params = params
         self.endpoint = endpoint
+        self.generation = 1
         self._transport: paramiko.Transport | None = transport
+        self._jumps: list[paramiko.Transport] = list(jumps)
         self._own_socket = own_socket
         self._broken: str | None = None
         self._sftp: paramiko.SFTPClient | None = None
@@ -196,18 +101,21 @@ class SSHRemote:
 
     @classmethod
     def connect(cls, params: SSHParams, *, deadline: Deadline, sock=None) -> "SSHRemote":
-        """Connect and authenticate within `deadline`; `sock` (e.g. from open_tunnel) replaces
-        the TCP connection. Raises ConnectFailed or HostKeyError."""
+        """Connect and authenticate within `deadline` (through the ProxyJump hops, if any);
+        `sock` (e.g. from open_tunnel) replaces the TCP connection. Raises ConnectFailed,
+        HostKeyError, or UserError for an ssh_config fleetbisect cannot honour."""
         endpoint = resolve(params)
-        transport = _open_transport(params, endpoint, deadline, sock)
-        return cls(params, endpoint, transport, own_socket=sock is None)
+        transport, jumps = open_chain(params, endpoint, deadline, sock)
+        return cls(params, endpoint, transport, own_socket=sock is None, jumps=jumps)
 
     def open_tunnel(self, host: str, port: int, deadline: Deadline) -> paramiko.Channel:
         """A `direct-tcpip` channel from this host to host:port: a socket-like stream, e.g. the
-        `sock` for connecting to a guest that only this host can reach."""
+        `sock` for connecting to a guest that only this host can reach. The channel carries
+        the generation it was opened on (see `tunnel_lost`)."""
         transport = self._live(deadline)
+        generation = self.generation
         try:
-            return transport.open_channel(
+            chan = transport.open_channel(
                 "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=_left(deadline)
             )
         except paramiko.ChannelException as e:
@@ -217,6 +125,33 @@ class SSHRemote:
             raise ConnectFailed(self.name, f"cannot open a tunnel to {host}:{port}: {_short(e)}") from None
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise ConnectFailed(self.name, f"cannot open a tunnel to {host}:{port}: {_short(e)}") from None
+        chan.fleetbisect_generation = generation
+        return chan
+
+    def tunnel_lost(self, chan: paramiko.Channel, deadline: Deadline | None = None) -> str | None:
+        """Why the host connection under a tunnel of `open_tunnel` is gone, or None while it
+        is the live one. Call it after a failure on that tunnel: a reason means the link
+        failed (infra-error), not what ran through it. paramiko notices a dead connection
+        late (`is_active()` stays true for a while, or for good when the peer vanished without
+        a RST): with a `deadline`, a connection that looks alive is probed (a session opened
+        and closed within the deadline), and one that fails the probe is cut."""
+        generation = getattr(chan, "fleetbisect_generation", None)
+        if generation is None:
+            raise ValueError(f"{self.name}: not a tunnel opened by open_tunnel")
+        with self._lock:
+            if generation != self.generation:
+                return (f"the connection to {self.name} under this tunnel was cut and "
+                        f"re-established (connection {generation} -> {self.generation})")
+            transport = self._transport
+            if deadline is not None and self._broken is None and transport is not None:
+                try:
+                    transport.open_session(timeout=_left(deadline)).close()
+                except (paramiko.SSHException, OSError, EOFError) as e:
+                    self._cut(f"a probe failed: {_short(e)}")
+            if self._broken is not None or transport is None or not transport.is_active():
+                return (f"the connection to {self.name} under this tunnel was cut "
+                        f"({self._broken or 'closed by the peer'})")
+        return None
 
     def transport(self, deadline: Deadline) -> paramiko.Transport:
         """The live paramiko Transport (reconnecting if needed), for tools such as the bench's
@@ -232,24 +167,23 @@ class SSHRemote:
                 raise RemoteError(self.name, f"connection lost ({reason})")
             log.info("%s: reconnecting (%s)", self.name, reason)
             self._drop_transport()
-            self._transport = _open_transport(self.params, self.endpoint, deadline, None)
+            self._transport, self._jumps = open_chain(self.params, self.endpoint, deadline, None)
+            self.generation += 1
             self._broken = None
             return self._transport
 
     def _drop_transport(self) -> None:
         self._sftp = None
         transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
+        jumps, self._jumps = self._jumps, []
+        close_all([transport, *reversed(jumps)])
 
     def _cut(self, reason: str) -> None:
         """Mark the connection broken and close it; never blocks (paramiko's close does not
         wait for a writer stuck in a stalled socket)."""
         log.debug("%s: cutting the connection: %s", self.name, reason)
         self._broken = reason
-        transport = self._transport
-        if transport is not None:
-            transport.close()
+        close_all([self._transport, *reversed(self._jumps)])
 
     @contextlib.contextmanager
     def _watchdog(self, deadline: Deadline, what: str, grace: float = GRACE) -> Iterator[None]:
@@ -527,20 +461,10 @@ class SSHRemote:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _left(deadline: Deadline, floor: float = 0.001) -> float:
-    """Seconds left, never 0 (paramiko treats a 0 timeout as non-blocking)."""
-    return max(floor, deadline.remaining())
-
-
 def _settimeout(sftp: paramiko.SFTPClient, deadline: Deadline, floor: float = 0.001) -> None:
     if deadline.expired and floor <= 0.001:
         raise TimeoutError("deadline passed")
     sftp.sock.settimeout(_left(deadline, floor))
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _pump(chan: paramiko.Channel, stdin: bytes | None, out: OutputTail, err: OutputTail,
@@ -581,114 +505,3 @@ def _pump(chan: paramiko.Channel, stdin: bytes | None, out: OutputTail, err: Out
             select.select([fd], [], [], min(left, 0.02))  # waiting for send window
         else:
             select.select([fd], [], [], min(left, 0.5))
-
-
-def _load_key(path: str) -> paramiko.PKey:
-    return paramiko.PKey.from_path(os.path.expanduser(path))
-
-
-def _open_transport(params: SSHParams, ep: Endpoint, deadline: Deadline, sock) -> paramiko.Transport:
-    """TCP connect (unless `sock`), handshake with the preferred ciphers, host key check,
-    public-key auth: all within `deadline`. Raises ConnectFailed / HostKeyError."""
-    where = f"{ep.user}@{ep.host}:{ep.port}"
-    expected, fix = _expected_keys(params, ep)
-    if sock is None:
-        try:
-            sock = socket.create_connection(
-                (ep.host, ep.port), timeout=min(params.connect_timeout, _left(deadline))
-            )
-        except socket.gaierror as e:
-            raise ConnectFailed(params.name, f"cannot resolve {ep.host}: {e.strerror}") from None
-        except TimeoutError:
-            raise ConnectFailed(params.name, f"no answer from {ep.host}:{ep.port} "
-                                f"within {min(params.connect_timeout, deadline.seconds):.0f}s") from None
-        except OSError as e:
-            raise ConnectFailed(params.name, f"cannot connect to {ep.host}:{ep.port}: "
-                                f"{e.strerror or _short(e)}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    transport = None
-    try:
-        transport = paramiko.Transport(sock)
-        transport.banner_timeout = _left(deadline)
-        transport.handshake_timeout = _left(deadline)
-        transport.auth_timeout = _left(deadline)
-        transport.channel_timeout = _left(deadline)
-        opts = transport.get_security_options()
-        offered = tuple(opts.ciphers)
-        first = [c for c in params.ciphers if c in offered]
-        opts.ciphers = tuple(first + [c for c in offered if c not in first])
-        known_types = [k.get_name() for _, k in expected]
-        if known_types:  # negotiate a host key type we can check (as OpenSSH does)
-            types = list(opts.key_types)
-            preferred = [t for t in types if t in known_types or
-                         (t.startswith("rsa-sha2") and "ssh-rsa" in known_types)]
-            opts.key_types = tuple(preferred + [t for t in types if t not in preferred])
-        # paramiko's start_client(timeout=...) returns silently when the timeout passes: wait
-        # on our own event instead and look at the outcome
-        done = threading.Event()
-        transport.start_client(event=done)
-        done.wait(_left(deadline))
-        if not done.is_set() or not transport.is_active():
-            error = transport.get_exception()
-            what = f"failed: {_short(error)}" if error else f"timed out after {deadline.seconds:.0f}s"
-            raise ConnectFailed(params.name, f"SSH handshake with {ep.host}:{ep.port} {what}")
-        check_host_key(params, ep, transport.get_remote_server_key(), expected, fix)
-        _authenticate(transport, params, ep, deadline)
-        transport.set_keepalive(max(1, int(params.keepalive)))
-        log.debug("%s: connected to %s (%s)", params.name, where, transport.local_cipher)
-        return transport
-    except BaseException:
-        if transport is not None:
-            transport.close()
-        else:
-            sock.close()
-        raise
-
-
-def _authenticate(transport: paramiko.Transport, params: SSHParams, ep: Endpoint,
-                  deadline: Deadline) -> None:
-    problems: list[str] = []
-    keys: list[tuple[str, paramiko.PKey]] = []
-    for path in ep.key_files:
-        try:
-            keys.append((path, _load_key(path)))
-        except paramiko.PasswordRequiredException:
-            problems.append(f"{path} is encrypted (load it into ssh-agent)")
-        except (OSError, paramiko.SSHException, ValueError) as e:
-            problems.append(f"cannot load {path}: {_short(e)}")
-    agent = None
-    if ep.use_agent:
-        with contextlib.suppress(Exception):
-            agent = paramiko.Agent()
-            keys.extend(("ssh-agent", k) for k in agent.get_keys())
-        if not ep.key_files:
-            for base in DEFAULT_KEYS:
-                path = os.path.expanduser(f"~/.ssh/{base}")
-                if os.path.exists(path):
-                    with contextlib.suppress(Exception):
-                        keys.append((path, _load_key(path)))
-    try:
-        for source, key in keys:
-            if deadline.expired:
-                break
-            transport.auth_timeout = _left(deadline)
-            try:
-                transport.auth_publickey(ep.user, key)
-            except paramiko.AuthenticationException:
-                problems.append(f"{source} ({key.get_name()}) refused")
-                continue
-            except (paramiko.SSHException, EOFError, OSError) as e:
-                what = "timed out" if deadline.expired else _short(e)
-                raise ConnectFailed(params.name, f"authentication as {ep.user} {what}") from None
-            if transport.is_authenticated():
-                return
-    finally:
-        if agent is not None:
-            agent.close()
-    if deadline.expired:
-        raise ConnectFailed(params.name, f"authentication as {ep.user} timed out")
-    if not keys and not problems:
-        problems.append("no keys (none configured, no agent, no default key files)")
-    raise ConnectFailed(
-        params.name, f"authentication as {ep.user}@{ep.host} failed: " + "; ".join(problems)
-    )

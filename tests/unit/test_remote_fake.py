@@ -45,10 +45,9 @@ def test_bounded_wraps_in_timeout_with_a_kill_after():
 
 def test_bounded_really_stops_the_command():
     # the wrapper, run by a shell, kills a command that outlives its budget
-    local = LocalRemote()
-    started = time.monotonic()
-    res = local.run(bounded("sleep 30", 1), deadline=D(20))
-    assert res.exit_status == 124 and time.monotonic() - started < 5
+    # 124 is timeout(1)'s "I stopped it": the deadline (60s) played no part
+    res = LocalRemote().run(bounded("sleep 600", 1), deadline=D(60))
+    assert res.exit_status == 124
 
 
 # --- FakeRemote ---------------------------------------------------------------------------
@@ -132,8 +131,8 @@ def test_local_timeout_kills_the_process_group(tmp_path):
     pidfile = tmp_path / "pid"
     started = time.monotonic()
     with pytest.raises(CommandTimedOut) as info:
-        LocalRemote().run(f"echo hi; sleep 60 & echo $! > {pidfile}; wait", deadline=D(1))
-    assert time.monotonic() - started < 3
+        LocalRemote().run(f"echo hi; sleep 600 & echo $! > {pidfile}; wait", deadline=D(1))
+    assert time.monotonic() - started >= 0.9  # the deadline fired
     assert info.value.partial.stdout == "hi\n"
     pid = int(pidfile.read_text())
     end = time.monotonic() + 10
