@@ -177,7 +177,8 @@ class Host(Strict):
 class InventoryFile(Strict):
     """One inventory file, as published in inventory/schema.json."""
 
-    hosts: dict[Annotated[str, StringConstraints(pattern=NAME)], Host] = Field(default_factory=dict)
+    hosts: dict[Annotated[str, StringConstraints(pattern=NAME)], Host] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False})
 
 
 class Inventory:
