@@ -119,7 +119,8 @@ def by_kind(*members: type[BaseModel]) -> Any:
     return Annotated[
         Union[tuple(Annotated[m, Tag(_tag(k))] for k, m in kinds.items())],
         Discriminator(
-            lambda v: _tag(v.get("kind")) if isinstance(v, dict) and v.get("kind") in kinds else None,
+            lambda v: _tag(v["kind"]) if isinstance(v, dict) and isinstance(v.get("kind"), str) and v["kind"] in kinds
+            else None,
             custom_error_type="unknown_kind",
             custom_error_message=f"needs a `kind`, one of: {valid}",
         ),
@@ -132,7 +133,7 @@ def by_kind(*members: type[BaseModel]) -> Any:
 def problems_from(error: ValidationError, path: Path, lines: Lines, prefix: Loc = (), data: Any = None) -> list[str]:
     out = []
     for err in error.errors():
-        loc = (*prefix, *(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        loc = (*prefix, *(p for p in err["loc"] if p != "[key]" and not (isinstance(p, str) and p.startswith("function-"))))
         loc = _clean(loc, data)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

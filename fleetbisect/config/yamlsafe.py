@@ -28,6 +28,7 @@ Loc = tuple[Any, ...]
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_ALIASED = 10_000
+_SEQ, _MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
 
 
 def printable(text: Any) -> str:
@@ -97,14 +98,22 @@ class Bad(Exception):
         super().__init__(message)
 
 
+class _TooMany(Exception):
+    """The alias budget is spent; turned into a Bad where the alias is used."""
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader whose composer refuses nesting deeper than MAX_DEPTH."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        # Where each alias of a list item is written (the node it returns is the anchor's).
+        self.alias_lines: dict[tuple[int, int], int] = {}
 
     def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if isinstance(index, int) and self.check_event(yaml.AliasEvent):
+            self.alias_lines[(id(parent), index)] = self.peek_event().start_mark.line + 1
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -136,14 +145,21 @@ class _Builder:
             raise Bad(line, loc, "an alias refers to a collection that contains it (recursive alias)")
         if len(self.open) >= MAX_DEPTH:
             raise Bad(line, loc, f"nested deeper than {MAX_DEPTH} levels (through aliases)")
-        via_alias = via_alias or key in self.built
+        alias_root = not via_alias and key in self.built
+        via_alias = via_alias or alias_root
         self._count(via_alias, line, loc)
         self.open.add(key)
         try:
             if isinstance(node, yaml.MappingNode):
                 return self._mapping(node, loc, via_alias)
-            return [self.build(item, (*loc, i), item.start_mark.line + 1, via_alias)
-                    for i, item in enumerate(node.value)]
+            if node.tag not in (_SEQ, _MAP):
+                raise Bad(line, loc, f"the tag {node.tag} is not allowed here")
+            return [self.build(item, (*loc, i), self.loader.alias_lines.get((key, i), item.start_mark.line + 1),
+                               via_alias) for i, item in enumerate(node.value)]
+        except _TooMany:
+            if alias_root:  # named where the alias that crossed the budget is used
+                raise Bad(line, loc, f"aliases expand to more than {MAX_ALIASED} values (an alias bomb?)")
+            raise
         finally:
             self.open.discard(key)
             self.built.add(key)
@@ -152,9 +168,11 @@ class _Builder:
         if via_alias:
             self.aliased += 1
             if self.aliased > MAX_ALIASED:
-                raise Bad(line, loc, f"aliases expand to more than {MAX_ALIASED} values (an alias bomb?)")
+                raise _TooMany()
 
     def _mapping(self, node: yaml.MappingNode, loc: Loc, via_alias: bool) -> dict[Any, Any]:
+        if node.tag not in (_SEQ, _MAP):
+            raise Bad(node.start_mark.line + 1, loc, f"the tag {node.tag} is not allowed here")
         out: dict[Any, Any] = {}
         merged: dict[Any, Any] = {}
         for key_node, value_node in node.value:
@@ -190,11 +208,14 @@ class _Builder:
 
     def _scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
         try:
-            return self.loader.construct_object(node, deep=True)
+            value = self.loader.construct_object(node, deep=True)
         except yaml.MarkedYAMLError:
             raise
         except (ValueError, TypeError, OverflowError) as e:  # `2001-13-45` is a bad date, `!!int x`
             raise Bad(node.start_mark.line + 1, loc, f"{node.value!r} is not a valid {node.tag.rsplit(':', 1)[-1]}: {e}")
+        if isinstance(value, bytes):  # pydantic would take `!!binary` bytes as a string
+            raise Bad(node.start_mark.line + 1, loc, "binary values (!!binary) are not allowed")
+        return value
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -228,10 +249,14 @@ def read_yaml(path: Path) -> tuple[Any, Lines]:
         raise ConfigError([Problem(path, e.line, e.loc, e.message)])
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        raise ConfigError([Problem(path, mark.line + 1 if mark else None, None, f"invalid YAML: {e.problem or e}")])
+        message = f"invalid YAML: {e.problem or e}"
+        if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            message += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError([Problem(path, mark.line + 1 if mark else None, None, message)])
     except yaml.reader.ReaderError as e:  # a control character YAML does not allow
         line = text[: e.position].count("\n") + 1
-        raise ConfigError([Problem(path, line, None, f"invalid YAML: character {e.character!r} is not allowed")])
+        char = chr(e.character) if isinstance(e.character, int) else e.character
+        raise ConfigError([Problem(path, line, None, f"invalid YAML: the character {printable(char)} is not allowed")])
     except yaml.YAMLError as e:
         raise ConfigError([Problem(path, None, None, f"invalid YAML: {e}")])
     except RecursionError:  # not expected past the bounds above; still never a traceback
