@@ -46,7 +46,8 @@ MAX_SECONDS = 7 * 24 * 3600
 MAX_BYTES = 1 << 40
 _NUM = r"\d+(?:\.\d+)?"
 _DURATION = re.compile(rf"\s*(?=\d)(?:({_NUM})h)?(?:({_NUM})m)?(?:({_NUM})s)?\s*")
-_SIZE = re.compile(rf"\s*({_NUM})\s*([kmgtKMGT]?)(?:i?[bB])?\s*")
+# a fraction only with a unit (`1.5M`): `1.5` bytes is no size, and the schema says so too
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+(?=\s*[kmgtKMGT]))?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DURATION_HELP = "a duration such as 30s, 5m, 1h or 1m30s, more than 0 and at most 7 days (168h)"
 _SIZE_HELP = "a size in whole bytes such as 4096, 64K, 8M or 1G, from 1 byte to 1T"
