@@ -52,7 +52,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="machine-readable events on stdout")
     ap.add_argument("--debug", action="store_true",
                     help="print the traceback of an internal error (it always goes to run.log)")
+    # The same options after the command (`fleetbisect check --json ...`); SUPPRESS keeps a
+    # value given before the command when it is not repeated after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only the result and errors")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable events on stdout")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an internal error (it always goes to run.log)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_parser(*a, parents=[common], **kw)  # type: ignore[method-assign]
 
     p = sub.add_parser("run", help="bisect a range end to end and report the first bad commit")
     _add_target_args(p)
@@ -123,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             ui.error(problem)
+            if ui.json_events:
+                ui.event("config-error", **(problem.as_event() if hasattr(problem, "as_event") else {"message": problem}))
         return abort_code or e.exit_code
     except UserError as e:
         ui.error(f"error: {e}")

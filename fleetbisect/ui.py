@@ -27,6 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .config.yamlsafe import printable
 from .masking import mask
 
 log = logging.getLogger("fleetbisect")
@@ -95,14 +96,17 @@ class UI:
 
     # --- messages ------------------------------------------------------------------------
 
-    def _emit(self, style: str, text: str) -> None:
-        text = mask(text)
-        if self.quiet:
+    def _emit(self, style: str, text: str, stamp: bool = True, always: bool = False) -> None:
+        # One message is one line: a newline or a terminal escape in a name or a path from the
+        # input is shown escaped, so no input can forge a line of output.
+        text = printable(mask(text))
+        if self.quiet and not always:
             return
         with self._lock:
             if self.plain:
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-                self.console.print(f"{stamp} {text}", markup=False, highlight=False, soft_wrap=True)
+                if stamp:
+                    text = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}"
+                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
             else:
                 self.console.print(f"[{style}]{escape(text)}[/]" if style else escape(text), soft_wrap=True)
 
@@ -123,8 +127,10 @@ class UI:
         self._emit("yellow", text)
 
     def error(self, text: str) -> None:
+        """An error line starts with what it is about (`FILE:LINE field: ...`), on a terminal
+        and off it: no timestamp in front, so editors and scripts can jump to it."""
         log.error(text)
-        self._emit("bold red", text)
+        self._emit("bold red", text, stamp=False, always=True)  # -q: "only the result and errors"
 
     def detail(self, text: str) -> None:
         log.debug(text)

@@ -4,25 +4,28 @@ A wrong inventory or playbook must be fixable at 2 a.m. from the message alone:
 
     inventory/lab.yaml:10 hosts.prime-radiant.target.guest.port: Input should be a valid integer
 
-so the loader keeps the line of every mapping key and sequence item while parsing, and maps
-pydantic's error locations back to them. Values with units (`30s`, `5m`, `8M`) are parsed by
-the `Seconds` and `Bytes` types here, the one place that knows those spellings.
+so the loader keeps the line of every mapping key and sequence item while parsing (yamlsafe.py,
+which also bounds what a hostile file can cost), and maps pydantic's error locations back to
+them. Values with units (`30s`, `5m`, `8M`) are parsed by the `Seconds` and `Bytes` types here,
+the one place that knows those spellings; their JSON schema says the same.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, WithJsonSchema
+from pydantic import StrictBool  # noqa: F401 - the models' bool: `1` is not true
 
 from ..errors import ConfigError
+from .yamlsafe import Lines, Loc, Problem, dotted, read_yaml, sort_problems  # noqa: F401 - the loader's API
 
 M = TypeVar("M", bound=BaseModel)
-Loc = tuple[Any, ...]
 
 
 class Strict(BaseModel):
@@ -31,156 +34,148 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def Int(ge: int, le: int, default: Any = ..., **kw: Any) -> Any:  # noqa: N802 - reads like a type
+    """A whole number in [ge, le]; `true` is not 1 and `2.0` is not 2 (pydantic's lax mode says
+    they are). Use as `port: int = Int(1, 65535)`."""
+    return Field(default, ge=ge, le=le, strict=True, **kw)
+
+
 # --- values with units ------------------------------------------------------------------------
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?")
+MAX_SECONDS = 7 * 24 * 3600
+MAX_BYTES = 1 << 40
+_NUM = r"\d+(?:\.\d+)?"
+_DURATION = re.compile(rf"\s*(?=\d)(?:({_NUM})h)?(?:({_NUM})m)?(?:({_NUM})s)?\s*")
+# a fraction only with a unit (`1.5M`): `1.5` bytes is no size, and the schema says so too
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+(?=\s*[kmgtKMGT]))?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DURATION_HELP = "a duration such as 30s, 5m, 1h or 1m30s, more than 0 and at most 7 days (168h)"
+_SIZE_HELP = "a size in whole bytes such as 4096, 64K, 8M or 1G, from 1 byte to 1T"
 
 
 def parse_seconds(value: Any) -> float:
     """`90`, `90s`, `1.5m`, `2h`, `1m30s` → seconds (a number is seconds)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m or 1h")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip():
-        m = _DURATION.fullmatch(value.strip())
-        if not m or not any(m.groups()):
-            raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or 1m30s")
-        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = Fraction(value) if math.isfinite(value) else None
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)) and any(m.groups()):
+        h, mi, s = (Fraction(g) if g else Fraction(0) for g in m.groups())
         seconds = h * 3600 + mi * 60 + s
     else:
-        raise ValueError("expected a duration such as 30s, 5m or 1h")
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
-    return seconds
+        seconds = None
+    if seconds is None or not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(f"{value!r} is not {_DURATION_HELP}")
+    return float(seconds)
 
 
 def parse_bytes(value: Any) -> int:
-    """`1048576`, `64K`, `8M`, `8MiB`, `2G` → bytes (binary units)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 64K, 8M or 1G")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", value, re.IGNORECASE)
-        if not m:
-            raise ValueError(f"{value!r} is not a size: use e.g. 64K, 8M or 1G")
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    """`1048576`, `64K`, `8M`, `8MiB`, `2G` → bytes (binary units, whole bytes)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = Fraction(value)
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
+        size = Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
     else:
-        raise ValueError("expected a size such as 64K, 8M or 1G")
-    if size <= 0:
-        raise ValueError("a size must be positive")
-    return size
+        size = None
+    if size is None or size.denominator != 1 or not 0 < size <= MAX_BYTES:
+        raise ValueError(f"{value!r} is not {_SIZE_HELP}")
+    return int(size)
 
 
-Seconds = Annotated[float, BeforeValidator(parse_seconds)]
-Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+Seconds = Annotated[
+    float,
+    BeforeValidator(parse_seconds),
+    WithJsonSchema({
+        "description": "seconds, or " + _DURATION_HELP,
+        "anyOf": [
+            {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+            {"type": "string", "pattern": "^" + _DURATION.pattern + "$"},
+        ],
+    }),
+]
+Bytes = Annotated[
+    int,
+    BeforeValidator(parse_bytes),
+    WithJsonSchema({
+        "description": "bytes, or " + _SIZE_HELP,
+        "anyOf": [
+            {"type": "integer", "minimum": 1, "maximum": MAX_BYTES},
+            {"type": "string", "pattern": "^" + _SIZE.pattern + "$"},
+        ],
+    }),
+]
 
 
-# --- YAML with line numbers ---------------------------------------------------------------------
+# --- tagged unions --------------------------------------------------------------------------
 
 
-class _Lines:
-    """Line (1-based) of every key and item, by its path from the document root."""
-
-    def __init__(self) -> None:
-        self.at: dict[Loc, int] = {}
-
-    def line(self, loc: Loc) -> int | None:
-        loc = tuple(loc)
-        while loc not in self.at and loc:
-            loc = loc[:-1]
-        return self.at.get(loc)
+def _tag(kind: Any) -> str:
+    # pydantic puts the tag into error locations; this spelling cannot be mistaken for a key
+    # the member has (the `command` reproducer has a `command` field).
+    return f"kind={kind}"
 
 
-def _construct(node: yaml.Node, loc: Loc, lines: _Lines, loader: yaml.SafeLoader) -> Any:
-    lines.at.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if isinstance(key, (dict, list)):
-                raise yaml.MarkedYAMLError(problem="a key must be a plain value", problem_mark=key_node.start_mark)
-            if key in out:
-                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
-            lines.at[(*loc, key)] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, (*loc, key), lines, loader)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*loc, i), lines, loader) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+def by_kind(*members: type[BaseModel]) -> Any:
+    """A union of models chosen by their `kind` field; an unknown kind lists the valid ones."""
+    kinds = {m.model_fields["kind"].annotation.__args__[0]: m for m in members}
+    valid = ", ".join(kinds)
+    return Annotated[
+        Union[tuple(Annotated[m, Tag(_tag(k))] for k, m in kinds.items())],
+        Discriminator(
+            lambda v: _tag(v["kind"]) if isinstance(v, dict) and isinstance(v.get("kind"), str) and v["kind"] in kinds
+            else None,
+            custom_error_type="unknown_kind",
+            custom_error_message=f"needs a `kind`, one of: {valid}",
+        ),
+    ]
 
 
-def read_yaml(path: Path) -> tuple[Any, _Lines]:
-    """Parse one YAML document, keeping lines; a syntax error is a ConfigError with file:line."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"])
-    lines = _Lines()
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = _construct(node, (), lines, loader) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: invalid YAML: {e.problem or e}"])
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: invalid YAML: {e}"])
-    finally:
-        loader.dispose()
-    return data, lines
+# --- pydantic's errors as FILE:LINE field.path: message -----------------------------------------
 
 
-def dotted(loc: Loc) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
-
-
-def problems_from(error: ValidationError, path: Path, lines: _Lines, prefix: Loc = (), data: Any = None) -> list[str]:
-    """pydantic's errors as `FILE:LINE field.path: message` lines."""
+def problems_from(error: ValidationError, path: Path, lines: Lines, prefix: Loc = (), data: Any = None) -> list[str]:
     out = []
     for err in error.errors():
-        # pydantic puts the tag of a tagged union into the location ("qemu"); it is not a key.
-        loc = (*prefix, *(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
-        loc = _clean(loc, lines, data)
-        line = lines.line(loc)
+        loc = (*prefix, *(p for p in err["loc"] if p != "[key]" and not (isinstance(p, str) and p.startswith("function-"))))
+        loc = _clean(loc, data)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field (a typo?)"
-        out.append(f"{path}:{line or 1} {dotted(loc)}: {msg}")
+        elif err["type"] == "unknown_kind" and isinstance(_node(data, loc), dict) and "kind" in _node(data, loc):
+            loc = (*loc, "kind")
+            msg = f"{_node(data, loc)!r}: {msg}"
+        out.append(Problem(path, lines.line(loc) or 1, loc, msg))
     return out
 
 
-def _clean(loc: Loc, lines: _Lines, data: Any) -> Loc:
-    """Drop the parts of a location that are not keys in the file: pydantic puts the tag of a
-    tagged union there (`reproducer.scp-stress.size`). A missing required field is kept."""
+def _clean(loc: Loc, data: Any) -> Loc:
+    """The location as the file has it: without the tag pydantic adds for a tagged union
+    (`kind=scp-stress`), and without the index of a single item the model wraps into a list.
+    A missing required field is kept (its line is its parent's)."""
     kept: list[Any] = []
-    for i, part in enumerate(loc):
-        here = (*kept, part)
-        nxt = loc[i + 1] if i + 1 < len(loc) else None
-        if here not in lines.at:
-            node = _node(data, kept)
-            if isinstance(part, int) and not isinstance(node, list):
-                continue  # a single item the model wraps into a list
-            if nxt is not None and ((*kept, nxt) in lines.at
-                                    or (isinstance(node, dict) and node.get("kind") == part)):
-                continue
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part == _tag(node.get("kind")) and part not in node:
+            continue
+        if isinstance(part, int) and isinstance(node, dict) and part not in node:
+            continue  # `reproducer: {...}` is validated as `reproducer: [{...}]`
         kept.append(part)
+        node = _step(node, part)
     return tuple(kept)
 
 
-def _node(data: Any, loc: list[Any]) -> Any:
+def _step(node: Any, part: Any) -> Any:
+    try:
+        return node[part]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _node(data: Any, loc: Loc) -> Any:
     for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return None
+        data = _step(data, part)
     return data
 
 
-def validate(model: type[M], data: Any, path: Path, lines: _Lines, prefix: Loc = ()) -> M:
+def validate(model: type[M], data: Any, path: Path, lines: Lines, prefix: Loc = ()) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from .. import masking
+from ..errors import ConfigError
 from ..verdict import DEFAULT_POLICY, UNTESTED, OutcomeKind
-from .loader import Bytes, Seconds, Strict, digest, read_yaml, validate
+from .loader import Bytes, Int, Seconds, Strict, StrictBool, by_kind, digest, read_yaml, sort_problems, validate
 
 ACTIONS = ("good", "bad", "skip", "retry", "abort")
 
@@ -25,15 +26,23 @@ class Build(Strict):
     timeout: Seconds = 3600.0
     env: dict[str, str] = Field(default_factory=dict)
     cherry_picks: list[str] = Field(default_factory=list)  # fixes applied for the build only
-    localversion: bool = True  # stamp LOCALVERSION=-fb<sha12> so the guest can prove its kernel
+    localversion: StrictBool = True  # stamp LOCALVERSION=-fb<sha12> so the guest can prove its kernel
     release_file: str | None = "include/config/kernel.release"
+
+    @model_validator(mode="after")
+    def _stamp_read_back(self):
+        if self.localversion and self.release_file is None:
+            raise ValueError("localversion stamps the kernel release, and release_file is where a step "
+                             "reads it back: set release_file, or localversion: false (then the running "
+                             "kernel is not verified, and check and the report say so)")
+        return self
 
 
 class Boot(Strict):
     cmdline: str = "console=ttyS0 panic=-1"
     root: str | None = None  # a disk image on the host, attached read-only (snapshot=on)
-    memory: int = Field(default=1024, ge=64, description="MiB")
-    cpus: int = Field(default=1, ge=1)
+    memory: int = Int(64, 1 << 20, 1024, description="MiB")
+    cpus: int = Int(1, 1024, 1)
     qemu_args: list[str] = Field(default_factory=list)
     timeout: Seconds = 300.0  # from QEMU start to a guest that answers SSH
 
@@ -52,7 +61,7 @@ class ScpStress(Strict):
 
     kind: Literal["scp-stress"]
     size: Bytes
-    iterations: int = Field(default=15, ge=1)
+    iterations: int = Int(1, 100_000, 15)
     timeout: Seconds
     dest: str = "/tmp/fleetbisect-stress.bin"
 
@@ -74,7 +83,7 @@ class CommandRepro(Strict):
     command: str
     where: Literal["guest", "host"] = "guest"
     timeout: Seconds
-    expect_exit: int = 0
+    expect_exit: int = Int(0, 255, 0)
     fail_patterns: list[str] = Field(default_factory=list)
     pass_patterns: list[str] = Field(default_factory=list)
 
@@ -132,9 +141,7 @@ class ConsoleRepro(Strict):
         return _regex(v)
 
 
-Reproducer = Annotated[
-    Union[ScpStress, CommandRepro, DmesgRepro, BootTime, ConsoleRepro], Field(discriminator="kind")
-]
+Reproducer = by_kind(ScpStress, CommandRepro, DmesgRepro, BootTime, ConsoleRepro)
 
 
 class Signature(Strict):
@@ -153,14 +160,14 @@ class Signature(Strict):
 class Policy(Strict):
     """Outcome → action. The untested outcomes can never be good or bad."""
 
-    retries: int = Field(default=2, ge=0, le=10)  # attempts again after an infrastructure fault
+    retries: int = Int(0, 10, 2)  # attempts again after an infrastructure fault
     # Runs of the reproducers per step (a flaky bug): stop at the first that is not a pass.
-    repeats: int = Field(default=1, ge=1, le=100)
+    repeats: int = Int(1, 100, 1)
     # Test the endpoints first: a good end that fails or a bad end that passes stops the run.
-    check_endpoints: bool = True
+    check_endpoints: StrictBool = True
     # After the search, retest the culprit (must be bad) and its parent (must be good) this
     # many times each; 0 trusts the search.
-    confirm: int = Field(default=1, ge=0, le=10)
+    confirm: int = Int(0, 10, 1)
     outcomes: dict[OutcomeKind, Literal["good", "bad", "skip", "retry", "abort"]] = Field(default_factory=dict)
 
     @field_validator("outcomes")
@@ -185,7 +192,7 @@ class Hooks(Strict):
 
 
 class Playbook(Strict):
-    name: str
+    name: str = Field("", min_length=1, description="default: the file's name without .yaml")
     description: str = ""
     build: Build = Field(default_factory=Build)
     artifacts: dict[str, str] = Field(default_factory=lambda: {"kernel": "arch/x86/boot/bzImage"})
@@ -193,7 +200,8 @@ class Playbook(Strict):
     boot: Boot = Field(default_factory=Boot)
     verify: Verify = Field(default_factory=Verify)
     # One reproducer, or several run in order in the same boot (e.g. boot-time, then scp-stress).
-    reproducer: Annotated[list[Reproducer], BeforeValidator(lambda v: [v] if isinstance(v, dict) else v)]
+    reproducer: Annotated[list[Reproducer], BeforeValidator(lambda v: [v] if isinstance(v, dict) else v,
+                                                            json_schema_input_type=Union[Reproducer, list[Reproducer]])]
     signature: Signature | None = None
     policy: Policy = Field(default_factory=Policy)
     hooks: Hooks = Field(default_factory=Hooks)
@@ -243,6 +251,9 @@ def load_playbook(path: Path) -> Playbook:
     data, lines = read_yaml(path)
     if isinstance(data, dict):
         data = {"name": path.stem, **data, "digest": digest(path)}
-    playbook = validate(Playbook, data, path, lines)
+    try:
+        playbook = validate(Playbook, data, path, lines)
+    except ConfigError as e:
+        raise ConfigError(sort_problems(e.problems))
     masking.register(playbook.build.env)  # the build's secrets are masked wherever we write
     return playbook

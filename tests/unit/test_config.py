@@ -70,10 +70,11 @@ def test_the_shipped_files_load():
     assert len(pb.digest) == 64
     lab = load_playbook(lab_playbook())
     assert set(lab.artifacts) == {"kernel", "initrd"}
-    # The example inventory names a key file the user creates; only its shape is checked here.
+    # The example inventory names key files the user creates; only its shape is checked here.
     with pytest.raises(ConfigError) as e:
         load_inventory([ROOT / "inventory"])
-    assert all("guest.host_key" in p for p in e.value.problems), e.value.problems
+    assert all(p.field in ("hosts.prime-radiant.target.guest.host_key", "hosts.prime-radiant.target.guest.key")
+               for p in e.value.problems), e.value.problems
 
 
 def test_inventory_loads_and_builds_ssh_params(tmp_path):
@@ -122,7 +123,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 def test_duplicate_keys_are_refused(tmp_path):
     path = write(tmp_path, "pb.yaml", "name: x\nname: y\n")
     (found,) = problems(load_playbook, path)
-    assert found.startswith(f"{path}:2: invalid YAML: duplicate key 'name'")
+    assert found == f"{path}:2 name: duplicate key 'name'"
 
 
 def test_playbook_problems_see_through_the_reproducer_kind(tmp_path):
@@ -130,7 +131,7 @@ def test_playbook_problems_see_through_the_reproducer_kind(tmp_path):
     path = write(tmp_path, "pb.yaml", text.replace("size: 1G", "size: lots").replace("  timeout: 2m\n", ""))
     found = problems(load_playbook, path)
     line = text.splitlines().index("  size: 1G") + 1
-    assert f"{path}:{line} reproducer.size: 'lots' is not a size: use e.g. 64K, 8M or 1G" in found
+    assert f"{path}:{line} reproducer.size: 'lots' is not a size in whole bytes such as 4096, 64K, 8M or 1G, from 1 byte to 1T" in found
     assert any(p.endswith("reproducer.timeout: Field required") for p in found), found
 
 

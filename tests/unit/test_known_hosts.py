@@ -254,6 +254,10 @@ def test_inventory_ssh_config_reaches_the_params(tmp_path, monkeypatch):
     from fleetbisect.config.inventory import SSH
 
     monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / "ssh_config").write_text("Host lab\n  HostName 127.0.0.1\n")
     params = SSH(alias="lab", ssh_config="~/fleet/ssh_config").params("h1")
     assert params.ssh_config == str(tmp_path / "fleet" / "ssh_config")
     assert SSH(address="10.0.0.1").params("h1").ssh_config is None
+    with pytest.raises(ValueError, match="no such file"):  # found at load time, not at connect
+        SSH(alias="lab", ssh_config="~/fleet/missing")
