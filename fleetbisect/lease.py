@@ -95,8 +95,9 @@ class Lease:
     token: str = field(default_factory=new_token)
 
     @classmethod
-    def on(cls, host: Remote, work_dir: str, run_id: str, ttl: int = TTL, token: str | None = None) -> "Lease":
-        return cls(host, posixpath.join(work_dir, "lease"), run_id, ttl, token or new_token())
+    def on(cls, host: Remote, work_dir: str, run_id: str, ttl: int | None = None,
+           token: str | None = None) -> "Lease":
+        return cls(host, posixpath.join(work_dir, "lease"), run_id, ttl or TTL, token or new_token())
 
     @property
     def holder(self) -> str:

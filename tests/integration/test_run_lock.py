@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,13 +50,20 @@ def inventory(lab_host, tmp_path) -> tuple[Path, str]:
     return path, work
 
 
+@dataclass
+class Go:
+    command: str  # a build command that waits for `flag`, then fails
+    flag: Path
+
+
 @pytest.fixture
 def go(tmp_path):
     """A build that waits until the test lets it go: it holds its controller in the build stage
-    for as long as the test needs, and ends (failing) once the test is over."""
+    for as long as the test needs, and ends (failing) once the test touches the flag, at the
+    latest when the test is over."""
     flag = tmp_path / "go"
     try:
-        yield f"while [ ! -e {flag} ]; do sleep 0.1; done; exit 1"
+        yield Go(f"while [ ! -e {flag} ]; do sleep 0.1; done; exit 1", flag)
     finally:
         flag.touch()
 
@@ -90,7 +98,7 @@ def test_a_second_controller_is_refused_while_the_first_lives_and_takes_over_onc
 ):
     repo, shas = small_repo
     inv, work = inventory
-    _, playbook = playbook_variant({"build": {"command": go, "timeout": "5m"}, "policy": {"confirm": 0}})
+    _, playbook = playbook_variant({"build": {"command": go.command, "timeout": "5m"}, "policy": {"confirm": 0}})
     run_dir = tmp_path / "run"
     first = Controller("run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv),
                        "--repo", str(repo), "--good", shas[0], "--bad", shas[-1], "--run-dir", str(run_dir),
@@ -153,3 +161,54 @@ def test_step_holds_the_host_lease_and_exits_128_when_another_controller_has_it(
     free = fb(*args)
     assert free.returncode == 125, free.stderr  # the build failed: skip, under its own lease
     assert not lease.exists()  # released when the step ended
+
+
+def test_a_run_that_loses_its_lease_stops_resumable_and_records_no_verdict(
+    small_repo, inventory, lab_host, playbook_variant, go, tmp_path, monkeypatch
+):
+    import threading
+
+    from fleetbisect import lease as lease_mod
+    from fleetbisect.config.inventory import load_inventory
+    from fleetbisect.errors import RunAborted
+    from fleetbisect.run import start_run
+    from fleetbisect.ui import UI
+
+    repo, shas = small_repo
+    inv, work = inventory
+    # While the step builds, someone takes the lease away: the next renewal fails.
+    thief = f"run-thief {int(time.time()) + 3600} elsewhere:1 othertoken"
+    steal = f"printf '%s\\n' '{thief}' > {posixpath.join(work, 'lease')}; {go.command}"
+    playbook, path = playbook_variant({"build": {"command": steal, "timeout": "5m"}, "policy": {"confirm": 0}})
+    monkeypatch.setattr(lease_mod, "TTL", 3)  # renewals every second
+
+    lost = threading.Event()
+
+    class Watch(UI):
+        def error(self, text: str) -> None:
+            super().error(text)
+            if "lost the lease on" in text:
+                lost.set()
+
+    run_dir, result = tmp_path / "run", {}
+
+    def run():
+        try:
+            start_run(repo=repo, good=shas[0], bad=shas[-1], host=load_inventory([inv]).host(lab_host.name),
+                      inventory=[inv], playbook=playbook, playbook_path=path, run_dir=run_dir,
+                      ui=Watch(quiet=True), check_endpoints=False)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert lost.wait(300), "the lease was never found lost"
+    go.flag.touch()  # let the build end (it fails: a skip, never recorded)
+    t.join(300)
+    assert isinstance(result.get("error"), RunAborted), result
+    assert str(result["error"]).startswith(f"lost the lease on {lab_host.name}: ")
+    assert "fleetbisect resume" in str(result["error"])
+    events = journal(run_dir)
+    assert not [e for e in events if e["event"] in ("step-finished", "marked")]  # no verdict recorded
+    assert events[-1]["event"] == "run-finished" and events[-1]["status"] == "aborted"
+    assert (Path(work) / "lease").read_text().split()[0] == "run-thief"  # the thief's lease untouched
