@@ -243,6 +243,8 @@ def print_result(report, ui: UI) -> int:
 
 
 def cmd_step(args, ui: UI) -> int:
+    from .lease import new_token
+    from .run import leased
     from .search.gitbisect import resolve, subject
     from .step import Lab, run_step
 
@@ -250,9 +252,14 @@ def cmd_step(args, ui: UI) -> int:
     repo = args.repo.resolve()
     commit = resolve(repo, "HEAD")
     evidence = args.evidence_dir or state_dir() / "steps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{commit[:12]}"
-    record = run_step(
-        Lab(repo, host, playbook, ui), 1, commit, subject(repo, commit), evidence / "steps" / commit[:12]
-    )
+    # The host's lease for this step alone (a run holding it makes this exit 128); a verdict
+    # from a step that lost it on the way is not given to git.
+    token = new_token()
+    with leased(host, f"step-{token}", playbook.policy.retries, ui, token) as keeper:
+        record = run_step(
+            Lab(repo, host, playbook, ui), 1, commit, subject(repo, commit), evidence / "steps" / commit[:12]
+        )
+        keeper.check()
     ui.info(f"{commit[:12]}: {record.verdict.value} ({record.reason}); evidence in {evidence}")
     return record.verdict.exit_code
 

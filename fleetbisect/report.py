@@ -223,36 +223,70 @@ def show(run_dir: Path, console) -> None:
 
 
 def status(run_dir: Path) -> str:
-    """`fleetbisect status RUN_DIR`: where a running or stopped run is, from its journal."""
-    import os
+    """`fleetbisect status RUN_DIR`: where a running or stopped run is, and whether a controller
+    still drives it. On this machine the run-directory lock says so (the kernel drops it when
+    the controller dies); a controller on another machine cannot be checked from here, so the
+    age of its last lease renewal and last event are shown instead."""
     import socket
 
-    from .journal import read, replay
+    from .journal import LOCK, holder_of, lock_is_held, read, replay
+    from .lease import TTL
 
     events, note = read(run_dir)
     state = replay(events)
     last = events[-1] if events else {}
-    controller = next((e.get("controller") for e in reversed(events) if e.get("controller")), {})
-    alive = False
-    if controller.get("host") == socket.gethostname() and controller.get("pid"):
-        try:
-            os.kill(controller["pid"], 0)
-            alive = True
-        except OSError:
-            alive = False
+    holder = holder_of(run_dir) or next(
+        (e.get("controller") for e in reversed(events) if e.get("controller")), None) or {}
     lines = [f"run {state.config.get('run_id', '?')} on {state.config.get('host', '?')}: "
              f"{len(state.steps)} steps done, {len(state.marks)} marks"]
+    now = time.time()
+    last_at = (f"last event {last.get('event')} at "
+               + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0)))
+               + f" ({_age(now - last.get('time', now))} ago)")
+    pid, where = holder.get("pid", "?"), holder.get("host")
+    if where and where != socket.gethostname():
+        alive = None  # cannot tell from here
+        try:
+            renewed = f"; lease last renewed {_age(now - (run_dir / LOCK).stat().st_mtime)} ago"
+        except OSError:
+            renewed = ""
+        state_line = (f"driven from {where} (pid {pid}), cannot check from here{renewed}; {last_at}. "
+                      f"A live controller renews its lease every {TTL // 3}s; one silent for over "
+                      f"{TTL}s is dead or cut off, and `resume` takes over once its lease expired")
+    else:
+        held = lock_is_held(run_dir)
+        alive = held if held is not None else _pid_alive(pid)  # no lock file: a run from before it
+        state_line = (f"running (controller pid {pid} on this machine); {last_at}" if alive else
+                      f"stopped (controller pid {pid} is not running); {last_at}")
     if state.finished:
         lines.append(f"finished: {state.finished.get('status')}: {state.finished.get('message', '')}")
     else:
-        where = "running" if alive else "stopped (controller not running)"
-        lines.append(f"{where}; last event {last.get('event')} at "
-                     + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0))))
+        lines.append(state_line)
         if state.interrupted_step:
             lines.append(f"step {state.interrupted_step['index']} ({state.interrupted_step['commit'][:12]}) "
-                         "was started and not finished" + ("" if alive else ": resume tests it again"))
-        if not alive:
+                         "was started and not finished" + (": resume tests it again" if alive is False else ""))
+        if alive is False:
             lines.append(f"continue with: fleetbisect resume {run_dir}")
     if note:
         lines.append(note)
     return "\n".join(lines)
+
+
+def _pid_alive(pid) -> bool:
+    import os
+
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _age(seconds: float) -> str:
+    from .ui import fmt_duration
+
+    return fmt_duration(max(0.0, seconds))

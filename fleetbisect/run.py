@@ -7,6 +7,8 @@ twice; a step the dead controller had started is tested again.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import socket
@@ -21,8 +23,8 @@ from .deadline import Deadline
 from .errors import RunAborted, UserError
 from .files import write_atomic
 from .hooks import EVENTS, Hooks
-from .journal import Journal, RunState, read, replay
-from .lease import Lease, LeaseKeeper
+from .journal import JOURNAL, Journal, JournalError, RunLock, RunState, read, replay
+from .lease import Lease, LeaseKeeper, LeaseLost, new_token
 from .remote.base import RemoteError
 from .report import Report
 from .search.gitbisect import Bisect, git, resolve, subject
@@ -33,8 +35,31 @@ from .verdict import BUILD_KINDS, Verdict, never_ran
 
 
 def controller() -> dict:
-    """Who drives the run, so `status` can tell a running run from a dead one."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """Who drives the run, so `status` can tell a running run from a dead one. The token is
+    this controller's own (a new one per `run`/`resume`): the run-directory lock and the host
+    lease carry it, so a second controller of the same run is told apart from this one."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": new_token()}
+
+
+# Transport tuning, free to change between `run` and `resume`: it does not change which machine
+# or VM the verdicts come from.
+_HOST_TUNING = ("ssh.connect_timeout", "ssh.keepalive")
+
+
+def host_fingerprint(host) -> dict[str, str]:
+    """A digest per field of the host's validated inventory entry (never the values), so that
+    `resume` can refuse a changed entry and name what changed."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif prefix not in _HOST_TUNING:
+            out[prefix] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    walk("", json.loads(host.model_dump_json(exclude={"source", "name"})))
+    return out
 
 
 @dataclass
@@ -51,6 +76,7 @@ class RunSpec:
     playbook_digest: str
     check_endpoints: bool = True
     hooks: dict[str, list[str]] = field(default_factory=dict)  # from the command line
+    host_fingerprint: dict[str, str] | None = None  # None: a run started before it was kept
 
     def to_json(self) -> dict:
         return {
@@ -58,6 +84,7 @@ class RunSpec:
             "host": self.host, "inventory": [str(p) for p in self.inventory],
             "playbook": str(self.playbook), "playbook_digest": self.playbook_digest,
             "check_endpoints": self.check_endpoints, "hooks": self.hooks,
+            "host_fingerprint": self.host_fingerprint,
         }
 
     @classmethod
@@ -65,7 +92,7 @@ class RunSpec:
         return cls(
             d["run_id"], Path(d["repo"]), d["good"], d["bad"], d["host"],
             [Path(p) for p in d["inventory"]], Path(d["playbook"]), d["playbook_digest"],
-            d.get("check_endpoints", True), d.get("hooks", {}),
+            d.get("check_endpoints", True), d.get("hooks", {}), d.get("host_fingerprint"),
         )
 
 
@@ -80,42 +107,93 @@ def start_run(
         uuid.uuid4().hex[:12], repo, resolve(repo, good), resolve(repo, bad), host.name,
         [p.resolve() for p in inventory], playbook_path.resolve(), playbook.digest,
         playbook.policy.check_endpoints if check_endpoints is None else check_endpoints, hooks or {},
+        host_fingerprint(host),
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "journal.jsonl").exists():
-        raise UserError(f"{run_dir} already holds a run: `fleetbisect resume {run_dir}` continues it")
-    Journal(run_dir).append("run-started", config=spec.to_json(), controller=controller())
-    return _drive(spec, RunState(), host, playbook, run_dir, ui)
+    me = controller()
+    with RunLock(run_dir, {**me, "run_id": spec.run_id}) as lock:  # one controller per run directory
+        if (run_dir / JOURNAL).exists():
+            raise UserError(f"{run_dir} already holds a run: `fleetbisect resume {run_dir}` continues it")
+        Journal(run_dir).append("run-started", config=spec.to_json(), controller=me)
+        return _drive(spec, RunState(), host, playbook, run_dir, ui, me, lock)
 
 
 def resume_run(run_dir: Path, ui: UI) -> Report:
-    """Continue a run whose controller died or was interrupted."""
+    """Continue a run whose controller died or was interrupted; a finished run is reported."""
     from .config.inventory import load_inventory
     from .config.playbook import load_playbook
 
-    events, note = read(run_dir)
-    if note:
-        ui.warn(note)
-    state = replay(events)
-    if not state.config:
-        raise UserError(f"{run_dir}: the journal has no run-started event")
-    spec = RunSpec.from_json(state.config)
-    host = load_inventory(spec.inventory).host(spec.host)
-    playbook = load_playbook(spec.playbook)
-    if playbook.digest != spec.playbook_digest:
+    if not (run_dir / JOURNAL).exists():
+        raise JournalError(f"{run_dir} is not a fleetbisect run directory (no {JOURNAL})")
+    me = controller()
+    with RunLock(run_dir, me) as lock:  # a live controller of this run refuses us here
+        note = Journal(run_dir).note  # cuts a torn last line, so our events start whole lines
+        events, _ = read(run_dir)
+        if note:
+            ui.warn(note)
+        state = replay(events)
+        if not state.config:
+            raise UserError(f"{run_dir}: the journal has no run-started event")
+        spec = RunSpec.from_json(state.config)
+        if state.final:
+            return _finished(spec, state, run_dir, ui)
+        host = load_inventory(spec.inventory).host(spec.host)
+        playbook = load_playbook(spec.playbook)
+        if playbook.digest != spec.playbook_digest:
+            raise UserError(
+                f"{spec.playbook} changed since the run started (digest {playbook.digest[:12]}, "
+                f"was {spec.playbook_digest[:12]}): its verdicts would not mean the same; "
+                "restore the playbook or start a new run"
+            )
+        _same_host(spec, host)
+        if state.finished:
+            ui.info(f"{run_dir}: the run had stopped ({state.finished.get('status')}); continuing it")
+        Journal(run_dir).append("resumed", decided=len(state.decided), marks=len(state.marks),
+                                controller=me)
+        return _drive(spec, state, host, playbook, run_dir, ui, me, lock)
+
+
+def _same_host(spec: RunSpec, host) -> None:
+    """Refuse an inventory entry that changed since the run started: the verdicts so far came
+    from the machine and VM it described."""
+    if spec.host_fingerprint is None:
+        return
+    now = host_fingerprint(host)
+    changed = sorted(k for k in {*now, *spec.host_fingerprint} if now.get(k) != spec.host_fingerprint.get(k))
+    if changed:
         raise UserError(
-            f"{spec.playbook} changed since the run started (digest {playbook.digest[:12]}, "
-            f"was {spec.playbook_digest[:12]}): its verdicts would not mean the same; "
-            "restore the playbook or start a new run"
+            f"{host.source or 'the inventory'}: host {spec.host} changed since the run started "
+            f"({', '.join(changed)}): the verdicts so far came from the machine and VM it described. "
+            f"Restore the entry to resume, or start a new run (`fleetbisect run`) for the new one"
         )
-    if state.finished:
-        ui.info(f"{run_dir}: the run had already finished ({state.finished.get('status')})")
-    Journal(run_dir).append("resumed", decided=len(state.decided), marks=len(state.marks),
-                            controller=controller())
-    return _drive(spec, state, host, playbook, run_dir, ui)
 
 
-def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI) -> Report:
+def _finished(spec: RunSpec, state: RunState, run_dir: Path, ui: UI) -> Report:
+    """`resume` of a run that already has its answer: report it, test nothing, fire no hook."""
+    from .report import load
+
+    fin = state.finished or {}
+    report = Report(run_dir, str(spec.repo), spec.good, spec.bad, spec.host, str(spec.playbook),
+                    spec.playbook_digest)
+    report.status, report.culprit = fin.get("status", "?"), fin.get("culprit")
+    report.confirmed, report.message = fin.get("confirmed"), fin.get("message", "")
+    try:
+        data = load(run_dir)
+        report.culprit_subject, report.culprit_author = data.get("culprit_subject"), data.get("culprit_author")
+    except (UserError, ValueError, OSError):  # report.json lost: the journal holds the answer
+        pass
+    ui.info(f"{run_dir}: the run already finished ({report.status}) after {len(state.steps)} steps; "
+            "nothing to resume")
+    if not ui.quiet and (run_dir / "report.json").exists():
+        from .report import show
+
+        show(run_dir, ui.console)  # on stderr: stdout keeps only the answer (or --json events)
+    ui.event("run-finished", status=report.status, culprit=report.culprit, confirmed=report.confirmed,
+             message=report.message, resumed=False)
+    return report
+
+
+def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI, me: dict,
+           lock: RunLock) -> Report:
     with log_to_file(run_dir / "run.log"):
         journal = Journal(run_dir)
         report = Report(
@@ -142,17 +220,26 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
             hooks.fire("start", good=spec.good, bad=spec.bad)
         started = time.monotonic()
         try:
-            with _leased(host, spec.run_id, playbook.policy.retries, ui):
+            with leased(host, spec.run_id, playbook.policy.retries, ui, me["token"], lock.heartbeat) as keeper:
+                # A controller that lost its lease records no decision: the next journal event
+                # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
+                journal.guard = keeper.check
                 bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
                 run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui), journal, report, bisect, hooks, ui)
                 try:
                     run.search()
                 except KeyboardInterrupt:
+                    journal.guard = None
                     report.status = "interrupted"
                     report.message = f"interrupted; `fleetbisect resume {run_dir}` continues the run"
                     journal.append("interrupted")
                     raise
+                except LeaseLost:
+                    pass  # below: aborted, with the reason
                 finally:
+                    journal.guard = None
+                    if keeper.lost and report.status == "running":
+                        report.status, report.message = "aborted", keeper.lost
                     write_atomic(run_dir / "bisect.log", bisect.log())
                     report.write()
                     if report.status not in ("interrupted", "running"):  # "running": a bug escaped
@@ -179,9 +266,11 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
 
 
 @contextmanager
-def _leased(host_cfg, run_id: str, retries: int, ui: UI) -> Iterator[None]:
-    """Hold the host's lease for the whole run (renewed in the background), so two runs never
-    drive the same VM. A connection of its own: renewals never wait behind a step's command."""
+def leased(host_cfg, run_id: str, retries: int, ui: UI, token: str | None = None,
+           on_renewed=None) -> Iterator[LeaseKeeper]:
+    """Hold the host's lease for the whole run or step (renewed in the background), so two
+    controllers never drive the same VM. A connection of its own: renewals never wait behind a
+    step's command. Yields the keeper: `keeper.lost` / `keeper.check()` once a renewal failed."""
     for attempt in range(1, retries + 2):
         try:
             conn = connect_host(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
@@ -191,14 +280,15 @@ def _leased(host_cfg, run_id: str, retries: int, ui: UI) -> Iterator[None]:
                 raise RunAborted(f"cannot reach the host {host_cfg.name} ({attempt} attempts): {e}") from None
             ui.warn(f"cannot reach the host {host_cfg.name}: {e}; trying again in {RETRY_PAUSE:.0f}s")
             time.sleep(RETRY_PAUSE)
-    lease = Lease.on(conn, host_cfg.work_dir, run_id)
+    lease = Lease.on(conn, host_cfg.work_dir, run_id, token=token)
     try:
         note = lease.acquire()
         if note:
             ui.warn(note)
-        keeper = LeaseKeeper(lease, ui.warn).start()
+        keeper = LeaseKeeper(lease, lambda why: ui.error(f"{why}; stopping before the next decision"),
+                             on_renewed).start()
         try:
-            yield
+            yield keeper
         finally:
             keeper.stop()
             try:

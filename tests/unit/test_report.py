@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 
 from fleetbisect.journal import replay
 from fleetbisect.report import Report, status
@@ -50,10 +52,16 @@ def test_confirmation_records_are_never_reused_as_verdicts():
     assert set(state.decided) == {A} and len(state.steps) == 2
 
 
+def gone_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()  # a PID that no longer runs (a controller killed with SIGKILL)
+    return p.pid
+
+
 def test_status_of_a_stopped_run_says_how_to_resume(tmp_path):
     lines = [
         {"seq": 1, "time": 1.0, "event": "run-started", "config": {"run_id": "r1", "host": "h"},
-         "controller": {"host": "elsewhere", "pid": 1}},
+         "controller": {"host": socket.gethostname(), "pid": gone_pid()}},
         {"seq": 2, "time": 2.0, "event": "step-started", "index": 1, "commit": A},
     ]
     (tmp_path / "journal.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
