@@ -257,7 +257,7 @@ def cmd_step(args, ui: UI) -> int:
     token = new_token()
     with leased(host, f"step-{token}", playbook.policy.retries, ui, token) as keeper:
         record = run_step(
-            Lab(repo, host, playbook, ui), 1, commit, subject(repo, commit), evidence / "steps" / commit[:12]
+            Lab(repo, host, playbook, ui, lease=keeper), 1, commit, subject(repo, commit), evidence / "steps" / commit[:12]
         )
         keeper.check()
     ui.info(f"{commit[:12]}: {record.verdict.value} ({record.reason}); evidence in {evidence}")

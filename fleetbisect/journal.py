@@ -210,7 +210,7 @@ def lock_is_held(run_dir: Path) -> bool | None:
 CACHED_ROLES = ("bisect", "endpoint-good", "endpoint-bad")
 # A run that ended with one of these has its answer: `resume` reports it instead of driving on.
 # ("aborted" is not final: once the cause is fixed, `resume` continues the run.)
-FINAL_STATUSES = ("found", "unconfirmed", "inconclusive", "endpoint-failed")
+FINAL_STATUSES = ("found", "unconfirmed", "inconclusive", "endpoint-failed", "setup-error")
 
 
 @dataclass

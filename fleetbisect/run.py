@@ -225,7 +225,7 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                 # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
                 journal.guard = keeper.check
                 bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui), journal, report, bisect, hooks, ui)
+                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper), journal, report, bisect, hooks, ui)
                 try:
                     run.search()
                 except KeyboardInterrupt:

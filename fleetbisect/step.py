@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .deadline import Deadline
 from .errors import InfraError
+from .lease import LeaseLost
 from .files import write_json_atomic
 from .remote.base import CommandTimedOut, Remote, RemoteError, TunnelRefused
 from .remote.ssh import SSHRemote
@@ -84,17 +85,30 @@ class Lab:
     playbook: object  # config.playbook.Playbook
     ui: UI
     hashes: HashCache = field(default_factory=HashCache)
+    lease: object = None  # lease.LeaseKeeper of the host; every stage starts only while it is held
+
+    def check_lease(self) -> None:
+        """Raise LeaseLost when the host's lease was lost: the VM may be someone else's now."""
+        if self.lease is not None:
+            self.lease.check()
+
+    @property
+    def lease_lost(self) -> bool:
+        return bool(self.lease is not None and self.lease.lost)
 
 
 class _Timer:
     """`with timed("boot", budget):` adds the stage's time to `durations` and tells the UI."""
 
-    def __init__(self, durations: dict[str, float], ui: UI):
+    def __init__(self, durations: dict[str, float], ui: UI, check=lambda: None):
         self.durations = durations
         self.ui = ui
+        self.check = check  # raises when the step must not go on (the host's lease was lost)
 
     @contextmanager
     def __call__(self, stage: str, budget: float | None = None):
+        if stage != "cleanup":
+            self.check()
         t = time.monotonic()
         self.ui.event("stage-started", stage=stage, budget=budget)
         try:
@@ -112,7 +126,7 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
     playbook = lab.playbook
     step_dir.mkdir(parents=True, exist_ok=True)
     durations: dict[str, float] = {}
-    timed = _Timer(durations, lab.ui)
+    timed = _Timer(durations, lab.ui, lab.check_lease)
     rel = lambda name: str((step_dir / name).relative_to(step_dir.parent.parent))  # noqa: E731
 
     lab.ui.info(f"building {commit[:12]}")
@@ -195,7 +209,7 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
         except RemoteError as e:
             return [Outcome(OutcomeKind.INFRA_ERROR, f"cannot reach the host: {e}")]
         stack.callback(host.close)
-        stack.callback(_cleanup, host, paths, step_dir, lab.ui, timed)
+        stack.callback(_cleanup, lab, host, paths, step_dir, timed)
         try:
             with timed("boot"):
                 stopped = boot_qemu.stop_vm(host, paths, Deadline.after(60))
@@ -254,6 +268,8 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
             if all(o.kind in (OutcomeKind.PASS, OutcomeKind.FAIL) for o in outcomes):
                 _save_dmesg(guest, step_dir, lab.ui)  # the guest still answers: keep its kernel log
             return outcomes
+        except LeaseLost:
+            raise  # not this step's fault and not to be retried: the run stops (resumable)
         except InfraError as e:
             return [Outcome(OutcomeKind.INFRA_ERROR, str(e))]
 
@@ -303,11 +319,16 @@ def _save_dmesg(guest: Remote, step_dir: Path, ui: UI) -> None:
         (step_dir / "dmesg.log").write_text(res.stdout)
 
 
-def _cleanup(host: Remote, paths, step_dir: Path, ui: UI, timed) -> None:
-    """Stop the VM and fetch its console. Runs on every exit path; never raises."""
+def _cleanup(lab: Lab, host: Remote, paths, step_dir: Path, timed) -> None:
+    """Stop the VM and fetch its console. Runs on every exit path; never raises. A controller
+    that lost the host's lease leaves the VM alone: it may be another controller's by now."""
+    ui = lab.ui
     with timed("cleanup"):
         try:
-            boot_qemu.stop_vm(host, paths, Deadline.after(60))
+            if lab.lease_lost:
+                ui.warn("the host's lease was lost: leaving the VM to whoever holds it now")
+            else:
+                boot_qemu.stop_vm(host, paths, Deadline.after(60))
         except Exception as e:  # noqa: BLE001 - cleanup reports, it does not mask the real error
             ui.warn(f"could not stop the VM: {e}")
         try:
