@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 from .deadline import Deadline
 from .localexec import run_logged
+from .masking import open_masked, register
 from .ui import UI
 
 EVENTS = ("start", "verdict", "finish", "failure")
@@ -32,8 +33,9 @@ class Hooks:
             env.update({f"FLEETBISECT_{k.upper()}": v for k, v in self.base_env.items()})
             env["FLEETBISECT_EVENT"] = event
             env.update({f"FLEETBISECT_{k.upper()}": "" if v is None else str(v) for k, v in values.items()})
+            register(env)
             try:
-                with open(self.log, "ab") as log:
+                with open_masked(self.log, "ab") as log:
                     status = run_logged(["bash", "-c", command], None, env, log, Deadline.after(TIMEOUT))
             except OSError as e:
                 self.ui.warn(f"hook for {event} could not run: {e}")

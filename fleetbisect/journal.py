@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .masking import mask
+from .masking import mask_json
 
 JOURNAL = "journal.jsonl"
 VERSION = 1
@@ -33,7 +33,7 @@ class Journal:
     def append(self, event: str, **data) -> dict:
         self._seq += 1
         entry = {"seq": self._seq, "time": round(time.time(), 3), "event": event, **data}
-        line = mask(json.dumps(entry, separators=(",", ":"))) + "\n"
+        line = json.dumps(mask_json(entry), separators=(",", ":")) + "\n"  # masked, still JSON
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .deadline import Deadline
 from .errors import InfraError
-from .files import write_json_atomic
+from .files import write_json_atomic, write_text_masked
+from .masking import mask_file
 from .remote.base import Remote, RemoteError
 from .remote.ssh import SSHRemote
 from .reproducers import ReproContext
@@ -199,7 +200,7 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                     initrd=result.remote_paths.get("initrd"),
                     paths=paths,
                 )
-                (step_dir / "commands.txt").write_text(boot_qemu.describe(argv) + "\n")
+                write_text_masked(step_dir / "commands.txt", boot_qemu.describe(argv) + "\n")
                 started = boot_qemu.start_vm(host, argv, paths, Deadline.after(60))
             if not started.ok:
                 return [Outcome(
@@ -265,7 +266,7 @@ def _save_dmesg(guest: Remote, step_dir: Path, ui: UI) -> None:
         ui.detail(f"no dmesg: {e}")
         return
     if res.ok:
-        (step_dir / "dmesg.log").write_text(res.stdout)
+        write_text_masked(step_dir / "dmesg.log", res.stdout)
 
 
 def _cleanup(host: Remote, paths, step_dir: Path, ui: UI, timed) -> None:
@@ -277,5 +278,6 @@ def _cleanup(host: Remote, paths, step_dir: Path, ui: UI, timed) -> None:
             ui.warn(f"could not stop the VM: {e}")
         try:
             host.get(paths.console, step_dir / "console.log", deadline=Deadline.after(60))
+            mask_file(step_dir / "console.log")
         except Exception as e:  # noqa: BLE001
             ui.detail(f"no console log: {e}")
