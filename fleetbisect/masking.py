@@ -22,6 +22,7 @@ Overlapping secrets are masked as one: every byte covered by any secret becomes 
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -75,8 +76,8 @@ def register_build_env(env: Mapping[str, str]) -> None:
 
 def _add(values: Iterable[str]) -> None:
     for v in values:
-        _values.add(v)
-        _values.add(json.dumps(v)[1:-1])  # as it appears inside JSON text
+        # as written, and as it appears inside JSON text and HTML (report.html escapes it)
+        _values.update({v, json.dumps(v)[1:-1], html.escape(v, quote=False), html.escape(v)})
 
 
 # --- masking ----------------------------------------------------------------------------------

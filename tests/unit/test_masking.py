@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+from rich.console import Console
 
 from fleetbisect import masking
 from fleetbisect.deadline import Deadline
 from fleetbisect.files import write_atomic
+from fleetbisect.hooks import Hooks
 from fleetbisect.journal import Journal
 from fleetbisect.localexec import run_logged
+from fleetbisect.ui import UI
 
 TOKEN = "ghp_0123456789abcdef"
 
@@ -151,3 +155,29 @@ def test_an_invalid_build_env_value_is_not_echoed(tmp_path):
         load_playbook(pb)
     assert "98765432" not in str(e.value)
     assert "pb.yaml:4 build.env.SIGN_PIN: must be a string (value not shown)" in str(e.value)
+
+
+def test_hooks_log_is_masked_and_a_pasted_secret_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setenv("BMC_PASS", "bmc-hunter2-pass")
+    masking.register()
+    out = Console(file=io.StringIO(), width=300)
+    hooks = Hooks({"finish": ["echo pasted bmc-hunter2-pass", 'echo "env $BMC_PASS"']}, UI(out),
+                  {"run_id": "r1"}, tmp_path / "hooks.log")
+    hooks.fire("finish")
+    log = (tmp_path / "hooks.log").read_text()
+    assert "bmc-hunter2-pass" not in log and "pasted ***" in log and "env ***" in log
+    said = out.file.getvalue()
+    assert "hook command holds a secret's value" in said and "'echo pasted ***'" in said
+    assert "bmc-hunter2-pass" not in said
+
+
+def test_a_secret_is_masked_in_the_html_report_too(tmp_path):
+    from fleetbisect.report import Report
+
+    masking.register({"BMC_PASS": "p&ss<w>rd"})
+    report = Report(tmp_path, "/repo", "a" * 40, "b" * 40, "host", "pb.yaml", "d" * 64)
+    report.message = "login with p&ss<w>rd failed"
+    report.write()
+    for name in ("report.html", "report.md", "report.json"):
+        text = (tmp_path / name).read_text()
+        assert "p&ss" not in text and "p&amp;ss" not in text, name
