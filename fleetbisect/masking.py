@@ -18,6 +18,10 @@ the disk, so a controller killed mid-build leaves nothing in clear text. What is
   (`true`, `none`, ...): a shorter value would mask ordinary text everywhere.
 
 Overlapping secrets are masked as one: every byte covered by any secret becomes part of a `***`.
+A path that exists is not masked (it says where a secret is, not what it is). In text (the
+journal, reports, terminal lines) a short hex-digit secret (a PIN) inside a longer hex word is
+left alone: that is a commit id or a number, and masking it would corrupt the commit ids the
+journal resumes from and the culprit line. Logs are streamed and masked without that exception.
 """
 
 from __future__ import annotations
@@ -52,7 +56,11 @@ def is_secret_name(name: str) -> bool:
 
 
 def _maskable(value: str) -> bool:
-    return len(value) >= MIN_LENGTH and value.lower() not in TRIVIAL
+    if len(value) < MIN_LENGTH or value.lower() in TRIVIAL:
+        return False
+    # a path that exists is where a secret is, not the secret; masking it would hide the
+    # repository or run directory paths the journal needs to resume
+    return not (value.startswith("/") and os.path.exists(value))
 
 
 def secret_values(env: Mapping[str, str]) -> set[str]:
@@ -83,13 +91,26 @@ def _add(values: Iterable[str]) -> None:
 # --- masking ----------------------------------------------------------------------------------
 
 
-def _runs(buf, needles) -> list[list[int]]:
-    """Merged [start, end) spans of `buf` (str or bytes) covered by any needle, in order."""
+_HEX = frozenset("0123456789abcdefABCDEF")
+SHORT = 12  # a hex secret shorter than this may well occur inside a commit id by chance
+
+
+def _inside_id(buf: str, s: int, e: int) -> bool:
+    """Is buf[s:e] part of a longer hex word (a commit id, a number)? Then it is not the
+    secret, and masking it would corrupt the commit ids of the journal and the culprit line."""
+    return (s > 0 and buf[s - 1] in _HEX) or (e < len(buf) and buf[e] in _HEX)
+
+
+def _runs(buf, needles, ids: bool = False) -> list[list[int]]:
+    """Merged [start, end) spans of `buf` (str or bytes) covered by any needle, in order.
+    With `ids`, a short hex needle inside a longer hex word is left alone."""
     spans = []
     for n in needles:
+        hexy = ids and len(n) < SHORT and set(n) <= _HEX
         i = buf.find(n)
         while i >= 0:
-            spans.append((i, i + len(n)))
+            if not (hexy and _inside_id(buf, i, i + len(n))):
+                spans.append((i, i + len(n)))
             i = buf.find(n, i + 1)
     spans.sort()
     runs: list[list[int]] = []
@@ -113,16 +134,16 @@ def _replace(buf, runs, mask):
 def mask(text: str) -> str:
     if not _values:
         return text
-    return _replace(text, _runs(text, _values), MASK)
+    return _replace(text, _runs(text, _values, ids=True), MASK)
 
 
 def mask_json(data: Any) -> Any:
-    """`data` with every string in it masked (keys too): masking the JSON *text* instead could
-    break its syntax."""
+    """`data` with every string value in it masked: masking the JSON *text* instead could break
+    its syntax. Keys are fleetbisect's own names (a secret equal to "host" must not hide one)."""
     if isinstance(data, str):
         return mask(data)
     if isinstance(data, dict):
-        return {mask_json(k): mask_json(v) for k, v in data.items()}
+        return {k: mask_json(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
         return [mask_json(v) for v in data]
     return data

@@ -108,7 +108,8 @@ def test_streaming_masks_exactly_as_masking_the_whole_text_does():
             out += m.feed(data[i:j])
             i = j
         out += m.end()
-        assert out == masking.mask(text).encode(), text
+        whole = masking.StreamMasker()
+        assert out == whole.feed(data) + whole.end(), text
         assert not any(v.encode() in out for v in values), text
 
 
@@ -181,3 +182,21 @@ def test_a_secret_is_masked_in_the_html_report_too(tmp_path):
     for name in ("report.html", "report.md", "report.json"):
         text = (tmp_path / name).read_text()
         assert "p&ss" not in text and "p&amp;ss" not in text, name
+
+
+def test_a_pin_is_masked_but_never_inside_a_commit_id(tmp_path):
+    masking.register({"KBUILD_SIGN_PIN": "4711"})
+    sha = "0123456789abcdef4711" + "0" * 20
+    Journal(tmp_path).append("marked", commit=sha, text=f"pin 4711 for {sha[:12]}")
+    entry = json.loads((tmp_path / "journal.jsonl").read_text())
+    assert entry["commit"] == sha and entry["text"] == "pin *** for 0123456789ab"
+    assert masking.mask(f"first bad commit: {sha}") == f"first bad commit: {sha}"
+
+
+def test_an_existing_path_is_not_masked_so_the_journal_can_resume(tmp_path):
+    repo = tmp_path / "linux"
+    repo.mkdir()
+    masking.register_build_env({"KERNEL_SRC": str(repo), "SIGN_WITH": "/not/a/path/s3cret"})
+    Journal(tmp_path).append("run-started", config={"repo": str(repo / "sub")}, x="/not/a/path/s3cret")
+    entry = json.loads((tmp_path / "journal.jsonl").read_text())
+    assert entry["config"]["repo"] == str(repo / "sub") and entry["x"] == "***"
