@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
-from .masking import mask
+from .masking import mask_json
 
 JOURNAL = "journal.jsonl"
 LOCK = "controller.lock"
@@ -49,7 +49,7 @@ class Journal:
             self.guard()
         self._seq += 1
         entry = {"seq": self._seq, "time": round(time.time(), 3), "event": event, **data}
-        line = (mask(json.dumps(entry, separators=(",", ":"))) + "\n").encode()
+        line = (json.dumps(mask_json(entry), separators=(",", ":")) + "\n").encode()  # masked, still JSON
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             _write_all(fd, line)

@@ -1,49 +1,197 @@
-"""Local commands with a deadline: the whole process group goes when the deadline passes."""
+"""Local commands with a deadline, their output masked before it touches the disk.
+
+The command writes into a pipe that this process reads and writes, masked, into the log: the
+log never holds a secret, not even while the build runs or after the controller was killed.
+Its whole process group goes when the deadline passes, on Ctrl-C, and when the controller
+dies: the command runs under a tiny `sh` guard that the kernel signals when its parent dies
+(PR_SET_PDEATHSIG) and that then kills the group. A pid file (`pidfile`) names the group, so
+that a resumed run can kill a build the guard could not (`kill_orphan_build`).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import secrets
+import select
 import signal
 import subprocess
+import sys
 from pathlib import Path
-from typing import BinaryIO, Mapping
+from typing import Mapping
 
 from .deadline import Deadline
-from .masking import mask_file
+from .masking import MaskedFile
+
+# The guard: run the command in the background, wait for it, and when the kernel says our
+# parent died (SIGHUP via PR_SET_PDEATHSIG), kill the whole process group, itself included.
+GUARD = 'trap "kill -s KILL 0" HUP; "$@" & wait $!'
+GRACE = 10.0  # after SIGTERM at the deadline, before SIGKILL
+DRAIN = 2.0  # after the command exited, output still held by something it left behind
+TOKEN_VAR = "FLEETBISECT_BUILD_TOKEN"  # marks the processes of one build, for the orphan killer
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return fn
+
+
+_PRCTL = _prctl()  # resolved before any fork: the child only calls it
+
+
+def _die_with(parent: int):
+    """preexec_fn: SIGHUP when the thread that forked us dies. run_logged forks from the
+    thread that then waits for the command, so that thread outlives it unless the whole
+    process dies - which is the case this is for."""
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would tell us
+            os._exit(1)
+    return preexec
 
 
 def run_logged(
-    argv: list[str], cwd: Path | None, env: Mapping[str, str], log: BinaryIO, deadline: Deadline
+    argv: list[str], cwd: Path | None, env: Mapping[str, str], log: MaskedFile, deadline: Deadline,
+    pidfile: Path | None = None,
 ) -> int | None:
-    """Run argv with its output into `log`; kill its process group at the deadline (and on
-    Ctrl-C). Returns the exit status, or None when the deadline passed."""
-    log.write(f"$ {' '.join(argv)}\n".encode())
+    """Run argv with its output masked into `log`; kill its process group at the deadline (and
+    on Ctrl-C). Returns the exit status, or None when the deadline passed."""
+    log.write(f"$ {' '.join(argv)}\n")
     log.flush()
+    env = dict(env)
+    env[TOKEN_VAR] = token = secrets.token_hex(8)
     proc = subprocess.Popen(
-        argv, cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        ["/bin/sh", "-c", GUARD, "fleetbisect-guard", *argv], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=_die_with(os.getpid()),
     )
+    reaped = False
     try:
-        return proc.wait(timeout=deadline.remaining())
-    except subprocess.TimeoutExpired:
-        _killpg(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            _killpg(proc, signal.SIGKILL)
+        if pidfile is not None:
+            _write_pidfile(pidfile, proc.pid, token)
+        fd = proc.stdout.fileno()
+        if not _pump(fd, proc, log, deadline):  # the deadline passed
+            _killpg(proc, signal.SIGTERM)
+            _pump(fd, proc, log, Deadline.after(GRACE))
+            _killpg(proc, signal.SIGKILL)  # before reaping: the group id cannot be recycled yet
             proc.wait()
-        return None
+            reaped = True
+            return None
+        status = proc.wait()
+        reaped = True
+        return status
     finally:
-        if proc.poll() is None:  # Ctrl-C or another exception while waiting
+        if not reaped:  # Ctrl-C or another exception while running
             _killpg(proc, signal.SIGKILL)
             proc.wait()
-        if getattr(log, "name", None):
-            log.flush()
-            mask_file(Path(log.name))
+        proc.stdout.close()
+        log.flush()
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
+
+
+def _pump(fd: int, proc: subprocess.Popen, log: MaskedFile, deadline: Deadline) -> bool:
+    """Copy the command's output into the log until the command exited and its output ended
+    (True), or the deadline passed (False). A silent command never blocks the deadline."""
+    drain: Deadline | None = None
+    while True:
+        if drain is None and _exited(proc):
+            drain = Deadline.after(DRAIN)  # something it started may hold the pipe open
+        wait = min(deadline.remaining(), drain.remaining() if drain else 1.0, 1.0)
+        if wait <= 0:
+            return drain is not None
+        ready, _, _ = select.select([fd], [], [], wait)
+        if ready:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return True
+            log.write(data)
+            log.flush()  # on disk as it comes (masked): a live log, and nothing lost to a kill
+            if drain is not None:
+                drain = Deadline.after(DRAIN)
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Has the command exited? Without reaping it, so its pid stays ours until we kill."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
+
+
+# --- orphaned builds --------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def _pgrp(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[2])
+
+
+def _write_pidfile(path: Path, pid: int, token: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{pid} {_start_time(pid) or '-'} {token}\n")
+    tmp.replace(path)
+
+
+def kill_orphan(pidfile: Path) -> list[int]:
+    """Kill what is left of the command a pid file names, if it is still running: its group
+    when the leader is the very process recorded (same start time: a recycled pid is never
+    killed), else the group's processes that carry the command's token. Returns the pids
+    signalled (the leader's for a whole group) and removes the pid file."""
+    try:
+        pid_s, start, token = pidfile.read_text().split()
+        pgid = int(pid_s)
+    except (OSError, ValueError):
+        return []
+    killed = []
+    if start != "-" and _start_time(pgid) == start:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            killed.append(pgid)
+        except ProcessLookupError:
+            pass
+    else:  # the leader is gone; what it started may live on in its group
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _pgrp(int(entry.name)) == pgid and _carries(int(entry.name), token):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+                except ProcessLookupError:
+                    pass
+    pidfile.unlink(missing_ok=True)
+    return killed
+
+
+def _carries(pid: int, token: str) -> bool:
+    try:
+        return f"{TOKEN_VAR}={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False

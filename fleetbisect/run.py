@@ -28,6 +28,7 @@ from .lease import Lease, LeaseKeeper, LeaseLost, new_token
 from .remote.base import RemoteError
 from .report import Report
 from .search.gitbisect import Bisect, git, resolve, subject
+from .stages.build import kill_orphan_build
 from .stages.ready import kernel_identity
 from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, run_step
 from .ui import UI, log_to_file
@@ -145,6 +146,9 @@ def resume_run(run_dir: Path, ui: UI) -> Report:
                 "restore the playbook or start a new run"
             )
         _same_host(spec, host)
+        killed = kill_orphan_build(run_dir)  # under the lock: it is no live controller's build
+        if killed:
+            ui.warn(f"stopped a build the previous controller left running (pid {', '.join(map(str, killed))})")
         if state.finished:
             ui.info(f"{run_dir}: the run had stopped ({state.finished.get('status')}); continuing it")
         Journal(run_dir).append("resumed", decided=len(state.decided), marks=len(state.marks),

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .deadline import Deadline
 from .errors import InfraError
+from .files import write_json_atomic, write_text_masked
 from .lease import LeaseLost
-from .files import write_json_atomic
+from .masking import mask_file
 from .remote.base import CommandTimedOut, Remote, RemoteError, TunnelRefused
 from .remote.ssh import SSHRemote
 from .reproducers import ReproContext, guest_lost, host_generation, preflight
@@ -226,7 +227,7 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                     initrd=result.remote_paths.get("initrd"),
                     paths=paths,
                 )
-                (step_dir / "commands.txt").write_text(boot_qemu.describe(argv) + "\n")
+                write_text_masked(step_dir / "commands.txt", boot_qemu.describe(argv) + "\n")
                 started = boot_qemu.start_vm(host, argv, paths, Deadline.after(60))
             if not started.ok:
                 return [Outcome(
@@ -316,7 +317,7 @@ def _save_dmesg(guest: Remote, step_dir: Path, ui: UI) -> None:
         ui.detail(f"no dmesg: {e}")
         return
     if res.ok:
-        (step_dir / "dmesg.log").write_text(res.stdout)
+        write_text_masked(step_dir / "dmesg.log", res.stdout)
 
 
 def _cleanup(lab: Lab, host: Remote, paths, step_dir: Path, timed) -> None:
@@ -333,5 +334,6 @@ def _cleanup(lab: Lab, host: Remote, paths, step_dir: Path, timed) -> None:
             ui.warn(f"could not stop the VM: {e}")
         try:
             host.get(paths.console, step_dir / "console.log", deadline=Deadline.after(60))
+            mask_file(step_dir / "console.log")
         except Exception as e:  # noqa: BLE001
             ui.detail(f"no console log: {e}")

@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .config.yamlsafe import printable
-from .masking import mask
+from .masking import mask, mask_json
 
 log = logging.getLogger("fleetbisect")
 
@@ -141,7 +141,7 @@ class UI:
         """A machine-readable event: logged, and printed on stdout with --json."""
         log.debug("event %s %s", kind, data)
         if self.json_events:
-            line = mask(json.dumps({"time": round(time.time(), 3), "event": kind, **data}, default=str))
+            line = json.dumps(mask_json({"time": round(time.time(), 3), "event": kind, **data}), default=str)
             with self._lock:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()

@@ -21,10 +21,16 @@ from .loader import Bytes, Int, Seconds, Strict, StrictBool, by_kind, digest, re
 ACTIONS = ("good", "bad", "skip", "retry", "abort")
 
 
+def _env_value(v):
+    if not isinstance(v, str):  # never echo it: a build.env value may be a secret
+        raise ValueError("must be a string (value not shown)")
+    return v
+
+
 class Build(Strict):
     command: str = "make olddefconfig && make -j$(nproc)"
     timeout: Seconds = 3600.0
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, Annotated[str, BeforeValidator(_env_value)]] = Field(default_factory=dict)
     cherry_picks: list[str] = Field(default_factory=list)  # fixes applied for the build only
     localversion: StrictBool = True  # stamp LOCALVERSION=-fb<sha12> so the guest can prove its kernel
     release_file: str | None = "include/config/kernel.release"
@@ -255,5 +261,5 @@ def load_playbook(path: Path) -> Playbook:
         playbook = validate(Playbook, data, path, lines)
     except ConfigError as e:
         raise ConfigError(sort_problems(e.problems))
-    masking.register(playbook.build.env)  # the build's secrets are masked wherever we write
+    masking.register_build_env(playbook.build.env)  # the build's secrets are masked wherever we write
     return playbook

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from ..deadline import Deadline
+from ..files import write_text_masked
 from ..remote.base import RemoteError
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext, guest_lost
@@ -49,6 +50,6 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
     except RemoteError as e:
         return [guest_lost(ctx, f"boot-time reproducer lost the guest: {e}", OutcomeKind.FAIL, {})]
     uptime, _, dmesg = res.stdout.partition("--- dmesg\n")
-    ctx.log_path.write_text(res.stdout)
+    write_text_masked(ctx.log_path, res.stdout)
     out = judge(spec, dmesg, uptime)
     return [Outcome(out.kind, out.summary, out.details, (ctx.log_name,))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from ..deadline import Deadline
+from ..files import write_text_masked
 from ..remote.base import CommandTimedOut, RemoteError
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext, guest_lost
@@ -33,10 +34,10 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
         res = where.run(spec.command, deadline=Deadline.after(spec.timeout))
     except CommandTimedOut as e:
         partial = e.partial
-        log_path.write_text((partial.stdout + partial.stderr) if partial else "")
+        write_text_masked(log_path, (partial.stdout + partial.stderr) if partial else "")
         return [guest_lost(ctx, f"command still running after {spec.timeout:.0f}s", OutcomeKind.HANG, {})]
     except RemoteError as e:
         return [guest_lost(ctx, f"command lost its connection: {e}", OutcomeKind.FAIL, {})]
-    log_path.write_text(f"$ {spec.command}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}\n")
+    write_text_masked(log_path, f"$ {spec.command}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}\n")
     out = judge(spec, res.exit_status, res.stdout + res.stderr)
     return [Outcome(out.kind, out.summary, out.details, (ctx.log_name,))]

@@ -13,6 +13,7 @@ import time
 
 from .. import console
 from ..deadline import Deadline
+from ..masking import mask_file
 from ..stages.boot_qemu import VMPaths
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext
@@ -62,4 +63,5 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
     exited = res.ok
     local = ctx.step_dir / "console.log"
     ctx.host.get(paths.console, local, deadline=Deadline.after(60))
+    mask_file(local)
     return [judge(local.read_text(errors="replace"), spec, ctx.release, exited=exited)]

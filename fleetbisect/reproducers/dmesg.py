@@ -12,6 +12,7 @@ import re
 
 from .. import console
 from ..deadline import Deadline
+from ..files import write_text_masked
 from ..remote.base import CommandTimedOut, RemoteError
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext, guest_lost
@@ -38,13 +39,13 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
             transcript.append(f"$ {spec.trigger}\n(exit {res.exit_status})\n{res.stdout}{res.stderr}")
         res = ctx.guest.run(spec.command, deadline=Deadline.after(spec.timeout))
     except CommandTimedOut:
-        ctx.log_path.write_text("\n".join(transcript))
+        write_text_masked(ctx.log_path, "\n".join(transcript))
         return [guest_lost(ctx, f"dmesg reproducer still running after {spec.timeout:.0f}s", OutcomeKind.HANG, {})]
     except RemoteError as e:
-        ctx.log_path.write_text("\n".join(transcript))
+        write_text_masked(ctx.log_path, "\n".join(transcript))
         return [guest_lost(ctx, f"dmesg reproducer lost the guest: {e}", OutcomeKind.FAIL, {})]
     transcript.append(f"$ {spec.command}\n{res.stdout}")
-    ctx.log_path.write_text("\n".join(transcript))
+    write_text_masked(ctx.log_path, "\n".join(transcript))
     if not res.ok:
         return [Outcome(OutcomeKind.INFRA_ERROR, f"`{spec.command}` exited {res.exit_status}: {res.stderr.strip()[:200]}",
                         {}, (ctx.log_name,))]

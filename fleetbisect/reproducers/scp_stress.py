@@ -11,6 +11,7 @@ import os
 import re
 
 from ..deadline import Deadline
+from ..masking import open_masked
 from ..remote.base import Remote, RemoteError, TransferTimedOut
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext, guest_lost
@@ -90,7 +91,7 @@ def run(spec, ctx: ReproContext) -> list[Outcome]:
     iterations = []
     total = 0
     log_path = ctx.log_path
-    with open(log_path, "w") as log:
+    with open_masked(log_path, "w") as log:
 
         def record(entry: dict) -> None:
             iterations.append(entry)

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..deadline import Deadline
-from ..localexec import run_logged
+from ..localexec import kill_orphan, run_logged
+from .. import masking
+from ..masking import open_masked
 from ..search.gitbisect import git
 from ..verdict import OutcomeKind
 
@@ -34,27 +36,38 @@ def localversion(commit: str) -> str:
     return f"-fb{commit[:12]}"
 
 
-def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline) -> BuildResult:
-    """Apply cherry-picks, run the build command, collect artifacts, undo the cherry-picks."""
+PIDFILE = "build.pid"
+
+
+def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
+          pidfile: Path | None = None) -> BuildResult:
+    """Apply cherry-picks, run the build command, collect artifacts, undo the cherry-picks.
+
+    The log is masked as it streams. `pidfile` (default: build.pid next to the log) names the
+    running build's process group; a build a dead controller left there is killed first."""
     spec = playbook.build
+    pidfile = log_path.with_name(PIDFILE) if pidfile is None else pidfile
     env = dict(os.environ)
     env.update({k: str(v) for k, v in spec.env.items()})
+    masking.register(env)  # secret-looking names in the environment it inherits
+    masking.register_build_env(spec.env)
     if spec.localversion:
         env["LOCALVERSION"] = localversion(commit)
     started = time.monotonic()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
+    kill_orphan(pidfile)
+    with open_masked(log_path, "wb") as log:
         try:
             for pick in spec.cherry_picks:
                 status = run_logged(
-                    ["git", "cherry-pick", "--no-commit", pick], tree, env, log, deadline
+                    ["git", "cherry-pick", "--no-commit", pick], tree, env, log, deadline, pidfile
                 )
                 if status != 0:
                     return BuildResult(
                         False, f"cherry-pick {pick} does not apply", log_path,
                         time.monotonic() - started,
                     )
-            status = run_logged(["bash", "-c", spec.command], tree, env, log, deadline)
+            status = run_logged(["bash", "-c", spec.command], tree, env, log, deadline, pidfile)
         finally:
             if spec.cherry_picks:
                 git(tree, "reset", "--hard", "--quiet", commit)
@@ -94,6 +107,15 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline)
             log_path, seconds, kind=OutcomeKind.SETUP_ERROR,
         )
     return BuildResult(True, "built", log_path, seconds, release, artifacts)
+
+
+def kill_orphan_build(run_dir: Path) -> list[int]:
+    """Kill the builds a dead controller left running in a run directory (its steps' pid
+    files); called when the run resumes. Returns the pids signalled."""
+    killed = []
+    for pidfile in [run_dir / PIDFILE, *sorted(run_dir.glob(f"steps/*/{PIDFILE}"))]:
+        killed += kill_orphan(pidfile)
+    return killed
 
 
 def _disk_full(log_path: Path) -> bool:
