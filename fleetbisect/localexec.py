@@ -4,19 +4,18 @@ The command writes into a pipe that this process reads and writes, masked, into 
 log never holds a secret, not even while the build runs or after the controller was killed.
 Its whole process group goes when the deadline passes, on Ctrl-C, and when the controller
 dies: the command runs under a tiny `sh` guard that the kernel signals when its parent dies
-(PR_SET_PDEATHSIG) and that then kills the group. A pid file (`pidfile`) names the group, so
+(PR_SET_PDEATHSIG, set by `setpriv`) and that then kills the group. A pid file (`pidfile`) names the group, so
 that a resumed run can kill a build the guard could not (`kill_orphan_build`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -25,38 +24,21 @@ from .masking import MaskedFile
 
 # The guard: run the command in the background, wait for it, and when the kernel says our
 # parent died (SIGHUP via PR_SET_PDEATHSIG), kill the whole process group, itself included.
-GUARD = 'trap "kill -s KILL 0" HUP; "$@" & wait $!'
+GUARD = '[ "$PPID" = "$1" ] || exit 1; shift; trap "kill -s KILL 0" HUP; "$@" & wait $!'
 GRACE = 10.0  # after SIGTERM at the deadline, before SIGKILL
 DRAIN = 2.0  # after the command exited, output still held by something it left behind
 TOKEN_VAR = "FLEETBISECT_BUILD_TOKEN"  # marks the processes of one build, for the orphan killer
-PR_SET_PDEATHSIG = 1
+# The kernel signals the guard when the controller dies (PR_SET_PDEATHSIG), set by util-linux's
+# `setpriv` before it execs the guard. Not a preexec_fn: with one, CPython runs the at-fork
+# handlers in the controller, and a Ctrl-C landing in them is swallowed ("Exception ignored in
+# _releaseLock"): the controller then waits out the build instead of stopping.
+SETPRIV = shutil.which("setpriv")
 
 
-def _prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    return fn
-
-
-_PRCTL = _prctl()  # resolved before any fork: the child only calls it
-
-
-def _die_with(parent: int):
-    """preexec_fn: SIGHUP when the thread that forked us dies. run_logged forks from the
-    thread that then waits for the command, so that thread outlives it unless the whole
-    process dies - which is the case this is for."""
-    def preexec() -> None:
-        if _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: nobody would tell us
-            os._exit(1)
-    return preexec
+def _guarded(argv: list[str]) -> list[str]:
+    """argv under the guard; the guard exits at once if its parent (we) is already gone."""
+    guard = ["/bin/sh", "-c", GUARD, "fleetbisect-guard", str(os.getpid()), *argv]
+    return [SETPRIV, "--pdeathsig", "HUP", "--", *guard] if SETPRIV else guard
 
 
 def run_logged(
@@ -70,9 +52,9 @@ def run_logged(
     env = dict(env)
     env[TOKEN_VAR] = token = secrets.token_hex(8)
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", GUARD, "fleetbisect-guard", *argv], cwd=cwd, env=env,
+        _guarded(argv), cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_die_with(os.getpid()),
+        start_new_session=True,
     )
     reaped = False
     try:

@@ -36,16 +36,20 @@ class Controller:
                 self.events.put(json.loads(line))
         self.events.put(None)
 
+    def wait_for(self, predicate, timeout: float = 300) -> dict:
+        """The first event matching `predicate`; the controller is left running."""
+        end = time.monotonic() + timeout
+        while True:
+            event = self.events.get(timeout=max(0.1, end - time.monotonic()))
+            if event is None:
+                pytest.fail(f"the controller ended before the event: {self.proc.stderr.read()[-2000:]}")
+            if predicate(event):
+                return event
+
     def kill_at(self, predicate, timeout: float = 300, sig: int = signal.SIGKILL) -> dict:
         """Signal the whole process group at the first event matching `predicate`, wait for it."""
-        end = time.monotonic() + timeout
         try:
-            while True:
-                event = self.events.get(timeout=max(0.1, end - time.monotonic()))
-                if event is None:
-                    pytest.fail(f"the run ended before the kill point: {self.proc.stderr.read()[-2000:]}")
-                if predicate(event):
-                    return event
+            return self.wait_for(predicate, timeout)
         finally:
             os.killpg(self.proc.pid, sig)
             self.proc.wait(timeout=120)

@@ -76,17 +76,6 @@ def building(event) -> bool:
     return event["event"] == "stage-started" and event["stage"] == "build"
 
 
-def wait_for(controller: Controller, predicate, timeout: float = 300) -> dict:
-    """The first event matching `predicate`, the controller left running."""
-    end = time.monotonic() + timeout
-    while True:
-        event = controller.events.get(timeout=max(0.1, end - time.monotonic()))
-        if event is None:
-            pytest.fail(f"the controller ended early: {controller.proc.stderr.read()[-2000:]}")
-        if predicate(event):
-            return event
-
-
 def stop(controller: Controller, sig: int) -> None:
     os.killpg(controller.proc.pid, sig)
     controller.proc.wait(timeout=120)
@@ -104,7 +93,7 @@ def test_a_second_controller_is_refused_while_the_first_lives_and_takes_over_onc
                        "--repo", str(repo), "--good", shas[0], "--bad", shas[-1], "--run-dir", str(run_dir),
                        "--no-endpoint-check")
     try:
-        wait_for(first, building)  # it holds the run directory and the host's lease
+        first.wait_for(building)  # it holds the run directory and the host's lease
         before = (run_dir / "journal.jsonl").read_bytes()
         for argv in (["resume", str(run_dir)],
                      ["run", "--host", lab_host.name, "--playbook", str(playbook), "--inventory", str(inv),
@@ -124,7 +113,7 @@ def test_a_second_controller_is_refused_while_the_first_lives_and_takes_over_onc
 
     third = Controller("resume", str(run_dir))
     try:
-        wait_for(third, building)  # the killed controller's lock and lease were taken over
+        third.wait_for(building)  # the killed controller's lock and lease were taken over
         lease = lab_host_lease(lab_host, work)
         run_id = journal(run_dir)[0]["config"]["run_id"]
         assert lease.split()[0] == run_id and lease.split()[2] == f"{socket.gethostname()}:{third.proc.pid}"

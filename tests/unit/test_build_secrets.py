@@ -151,7 +151,7 @@ CONTROLLER = textwrap.dedent("""
 
     playbook, tree, log, guard = sys.argv[1:5]
     if guard == "no-pdeathsig":  # a controller the kernel cannot signal for: resume must kill
-        localexec._PRCTL = None
+        localexec.SETPRIV = None
     build(Path(tree), load_playbook(Path(playbook)), "0" * 40, Path(log), Deadline.after(3600))
 """)
 
@@ -222,3 +222,26 @@ def test_a_build_that_outlived_its_controller_is_killed_when_the_run_resumes(tmp
     until(lambda: not alive(sleeper) and not alive(guard_pid), "the orphaned build was killed")
     assert not (log.parent / "build.pid").exists()
     assert _written(tmp_path) == []
+
+
+def test_the_guard_is_set_up_without_a_preexec_fn(tmp_path, monkeypatch):
+    """With a preexec_fn, CPython runs its at-fork handlers in the controller, and a Ctrl-C that
+    lands in one is swallowed ("Exception ignored in _releaseLock"): seen as a resumed run that
+    ignored Ctrl-C and waited out its build. The guard gets PR_SET_PDEATHSIG from setpriv."""
+    import subprocess
+
+    from fleetbisect import localexec
+    from fleetbisect.masking import open_masked
+
+    seen = {}
+    real = subprocess.Popen
+
+    def spy(argv, **kw):
+        seen.update(kw, argv=argv)
+        return real(argv, **kw)
+
+    monkeypatch.setattr(localexec.subprocess, "Popen", spy)
+    with open_masked(tmp_path / "log", "wb") as log:
+        assert localexec.run_logged(["true"], None, {}, log, Deadline.after(60)) == 0
+    assert seen.get("preexec_fn") is None
+    assert seen["argv"][:3] == [localexec.SETPRIV, "--pdeathsig", "HUP"]
