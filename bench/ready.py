@@ -32,7 +32,7 @@ from fleetbisect.deadline import Deadline  # noqa: E402
 from fleetbisect.lab.vmhost import LabHost  # noqa: E402
 from fleetbisect.remote.base import RemoteError, SSHParams  # noqa: E402
 from fleetbisect.remote.ssh import SSHRemote  # noqa: E402
-from fleetbisect.stages.boot_qemu import VMPaths  # noqa: E402
+from fleetbisect.targets.qemu import VMPaths  # noqa: E402
 from fleetbisect.stages.ready import GuestEndpoint, wait_ready  # noqa: E402
 
 

@@ -24,7 +24,8 @@ from .remote.base import CommandTimedOut, Remote, RemoteError, TunnelRefused
 from .remote.ssh import SSHRemote
 from .reproducers import ReproContext, guest_lost, host_generation, preflight
 from .reproducers import run as run_reproducer
-from .stages import boot_qemu, judge
+from .stages import judge
+from .targets import qemu as boot_qemu
 from .stages.build import BuildResult, build
 from .stages.push import HashCache, push
 from .stages.ready import BootFailed, GuestEndpoint, verify_kernel, wait_ready

@@ -14,7 +14,7 @@ import time
 from .. import console
 from ..deadline import Deadline
 from ..masking import mask_file
-from ..stages.boot_qemu import VMPaths
+from ..targets.qemu import VMPaths
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..deadline import Deadline
 from ..remote.base import Remote, RemoteError, TunnelRefused
 from ..verdict import Outcome, OutcomeKind
-from .boot_qemu import VMPaths, vm_alive
+from ..targets.qemu import VMPaths, vm_alive
 
 POLL = 0.05
 PROBE_TIMEOUT = 0.5
