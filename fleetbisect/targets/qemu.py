@@ -17,7 +17,7 @@ from ..config.target import TargetConfig
 from ..deadline import Deadline
 from ..files import write_text_masked
 from ..remote.base import Remote
-from .base import Target, TargetStartFailed
+from .base import Check, Target, TargetStartFailed
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,12 @@ class Qemu(Target):
     def __init__(self, host_cfg, playbook):
         super().__init__(host_cfg, playbook)
         self.paths = VMPaths.under(host_cfg.work_dir)
+
+    def probes(self, host: Remote, deadline: Deadline) -> list[Check]:
+        res = host.run(["sh", "-c", 'command -v "$1"', "sh", self.config.qemu], deadline=deadline)
+        if res.ok:
+            return [Check("qemu", True, res.stdout.strip())]
+        return [Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
         return stop_vm(host, self.paths, deadline)
