@@ -32,8 +32,8 @@ from fleetbisect.deadline import Deadline  # noqa: E402
 from fleetbisect.lab.vmhost import LabHost  # noqa: E402
 from fleetbisect.remote.base import RemoteError, SSHParams  # noqa: E402
 from fleetbisect.remote.ssh import SSHRemote  # noqa: E402
-from fleetbisect.stages.boot_qemu import VMPaths  # noqa: E402
-from fleetbisect.stages.ready import GuestEndpoint, wait_ready  # noqa: E402
+from fleetbisect.targets.qemu import VMPaths, vm_alive  # noqa: E402
+from fleetbisect.stages.ready import GuestEndpoint, probe_banner, wait_ready  # noqa: E402
 
 
 class Gate:
@@ -92,7 +92,7 @@ def guest_params(host: LabHost, port: int) -> SSHParams:
 def fleetbisect_wait(host: LabHost, remote: SSHRemote, paths: VMPaths, gate: Gate) -> SSHRemote:
     params = guest_params(host, gate.port)
     guest, _ = wait_ready(
-        remote, paths, GuestEndpoint("127.0.0.1", gate.port),
+        lambda d: vm_alive(remote, paths, d), lambda: probe_banner(GuestEndpoint("127.0.0.1", gate.port)),
         lambda d: SSHRemote.connect(params, deadline=d), Deadline.after(30),
     )
     return guest

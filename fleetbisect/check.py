@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
+from . import targets
 from .deadline import Deadline
 from .errors import FleetbisectError
 from .remote.base import Remote, TunnelRefused
@@ -34,8 +35,7 @@ class Probe:
 
 # Runs on the host: prints one "name<TAB>ok|fail<TAB>detail" line per probe. Read-only.
 _PROBES = r"""
-qemu=$1; work=$2; need_mb=$3
-if p=$(command -v "$qemu"); then echo "qemu	ok	$p"; else echo "qemu	fail	$qemu not found in PATH"; fi
+work=$1; need_mb=$2
 d=$work; while [ ! -e "$d" ]; do d=$(dirname "$d"); done
 if [ -d "$d" ] && [ -w "$d" ]; then echo "work dir	ok	$work (writable: $d)"; else echo "work dir	fail	$d is not a writable directory"; fi
 free=$(df -Pk "$d" | awk 'NR==2 {print int($4/1024)}')
@@ -86,12 +86,14 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
         with SSHRemote.connect(host_cfg.ssh_params(), deadline=Deadline.after(host_cfg.ssh.connect_timeout + 5)) as host:
             probes.append(Probe("ssh", True, f"connected to {host_cfg.name}"))
             res = host.run(
-                ["sh", "-c", _PROBES, "sh", host_cfg.target.qemu, host_cfg.work_dir, str(MIN_FREE_MB)],
+                ["sh", "-c", _PROBES, "sh", host_cfg.work_dir, str(MIN_FREE_MB)],
                 deadline=Deadline.after(30),
             )
             for line in res.stdout.splitlines():
                 name, status, detail = (line.split("\t", 2) + ["", ""])[:3]
                 probes.append(Probe(name, status == "ok", detail))
+            for c in targets.for_host(host_cfg, playbook).probes(host, Deadline.after(60)):
+                probes.append(Probe(c.name, c.ok, c.detail))
             if not playbook.console_only:
                 probes += probe_guest_path(host, host_cfg, playbook)
     except FleetbisectError as e:

@@ -23,6 +23,7 @@ from .deadline import Deadline
 from .errors import RunAborted, UserError
 from .files import write_atomic
 from .hooks import EVENTS, Hooks
+from . import targets
 from .journal import JOURNAL, Journal, JournalError, RunLock, RunState, read, replay
 from .lease import Lease, LeaseKeeper, LeaseLost, new_token
 from .remote.base import RemoteError
@@ -254,6 +255,8 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                     ui.event("run-finished", status=report.status, culprit=report.culprit,
                              confirmed=report.confirmed, message=report.message)
                     bisect.finish(spec.repo, remove=report.status not in ("interrupted", "running"))
+                    if not keeper.lost:  # the host is ours: put back what the target changed
+                        _restore_target(host, playbook, ui)
                     ui.detail(f"run took {time.monotonic() - started:.1f}s over {len(report.steps)} steps")
         except RunAborted as e:  # the host never answered: nothing was tested or marked
             if report.status == "running":
@@ -267,6 +270,27 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
     if report.status == "setup-error":
         raise RunAborted(report.message)
     return report
+
+
+def _restore_target(host_cfg, playbook, ui: UI) -> None:
+    """The target's restore() (a domain's saved XML, a box's default kernel); never raises."""
+    target = targets.for_host(host_cfg, playbook)
+    if type(target).restore is targets.Target.restore:
+        return  # nothing to put back (a VM started per step)
+    try:
+        conn = connect_host(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
+    except RemoteError as e:
+        ui.warn(f"could not reach {host_cfg.name} to restore its {target.kind} target: {e}; "
+                "`fleetbisect resume` of this run tries again")
+        return
+    try:
+        done = target.restore(conn, Deadline.after(600))
+        if done:
+            ui.info(f"restored {host_cfg.name}: {done}")
+    except Exception as e:  # noqa: BLE001 - reported; the run's answer stands
+        ui.warn(f"could not restore the {target.kind} target on {host_cfg.name}: {e}")
+    finally:
+        conn.close()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .deadline import Deadline
 from .errors import InfraError
@@ -24,10 +25,12 @@ from .remote.base import CommandTimedOut, Remote, RemoteError, TunnelRefused
 from .remote.ssh import SSHRemote
 from .reproducers import ReproContext, guest_lost, host_generation, preflight
 from .reproducers import run as run_reproducer
-from .stages import boot_qemu, judge
+from .stages import judge
+from . import targets
+from .targets import TargetStartFailed
 from .stages.build import BuildResult, build
 from .stages.push import HashCache, push
-from .stages.ready import BootFailed, GuestEndpoint, verify_kernel, wait_ready
+from .stages.ready import BootFailed, verify_kernel, wait_ready
 from .ui import UI
 from .verdict import Decision, Outcome, OutcomeKind, Verdict, decide
 
@@ -87,6 +90,9 @@ class Lab:
     ui: UI
     hashes: HashCache = field(default_factory=HashCache)
     lease: object = None  # lease.LeaseKeeper of the host; every stage starts only while it is held
+    # How the host is reached and what boots the kernel on it (fakes in unit tests).
+    connect: Callable[..., Remote] = field(default=lambda cfg, deadline: connect_host(cfg, deadline))
+    make_target: Callable[..., object] = field(default=lambda cfg, playbook: targets.for_host(cfg, playbook))
 
     def check_lease(self) -> None:
         """Raise LeaseLost when the host's lease was lost: the VM may be someone else's now."""
@@ -200,20 +206,20 @@ def connect_host(host_cfg, deadline: Deadline) -> SSHRemote:
 def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[str, int]) -> list[Outcome]:
     """push → boot → ready → verify → reproduce, with cleanup always. Faults become outcomes.
 
-    `pushed` receives the bytes sent per artifact (nothing for an unchanged one)."""
+    The target is driven through its interface only (targets/base.py). `pushed` receives the
+    bytes sent per artifact (nothing for an unchanged one)."""
     host_cfg, playbook = lab.host, lab.playbook
-    target = host_cfg.target
-    paths = boot_qemu.VMPaths.under(host_cfg.work_dir)
+    target = lab.make_target(host_cfg, playbook)
     with ExitStack() as stack:
         try:
-            host = connect_host(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
+            host = lab.connect(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
         except RemoteError as e:
             return [Outcome(OutcomeKind.INFRA_ERROR, f"cannot reach the host: {e}")]
         stack.callback(host.close)
-        stack.callback(_cleanup, lab, host, paths, step_dir, timed)
+        stack.callback(_cleanup, lab, target, host, step_dir, timed)
         try:
             with timed("boot"):
-                stopped = boot_qemu.stop_vm(host, paths, Deadline.after(60))
+                stopped = target.stop(host, Deadline.after(60))
                 if stopped:
                     lab.ui.detail(f"previous VM: {stopped}")
             with timed("push", playbook.push_timeout):
@@ -221,38 +227,23 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
             pushed.update(result.uploaded)
             lab.ui.detail(f"pushed {sum(result.uploaded.values())} bytes ({', '.join(result.uploaded) or 'nothing changed'})")
             with timed("boot"):
-                argv = boot_qemu.qemu_argv(
-                    target, playbook.boot,
-                    kernel=result.remote_paths["kernel"],
-                    initrd=result.remote_paths.get("initrd"),
-                    paths=paths,
-                )
-                write_text_masked(step_dir / "commands.txt", boot_qemu.describe(argv) + "\n")
-                started = boot_qemu.start_vm(host, argv, paths, Deadline.after(60))
-            if not started.ok:
-                return [Outcome(
-                    OutcomeKind.INFRA_ERROR,
-                    f"QEMU did not start (exit {started.exit_status}): {started.stderr.strip()[-300:]}",
-                )]
+                target.deploy(host, result.remote_paths, step_dir, Deadline.after(playbook.push_timeout))
+                try:
+                    target.start(host, result.remote_paths, step_dir, Deadline.after(60))
+                except TargetStartFailed as e:
+                    return [Outcome(OutcomeKind.INFRA_ERROR, str(e))]
             vm_started = time.monotonic()
             if playbook.console_only:  # init is the reproducer: the console is all there is
                 with timed("reproduce"):
-                    ctx = ReproContext(None, host, step_dir, lab.ui.detail, vm=paths,
+                    ctx = ReproContext(None, host, step_dir, lab.ui.detail, target=target,
                                        vm_started=vm_started, release=built.release)
                     return run_reproducer(playbook.reproducers[0], ctx)
             with timed("ready", playbook.boot.timeout):
-                endpoint = GuestEndpoint(
-                    target.guest.address, target.guest.port,
-                    host if target.guest.via == "host" else None,
-                )
-                guest_params = target.guest_ssh_params(host_cfg.name)
-
-                def login(deadline: Deadline) -> Remote:
-                    sock = endpoint.open(deadline.remaining()) if endpoint.via_host else None
-                    return SSHRemote.connect(guest_params, deadline=deadline, sock=sock)
-
                 try:
-                    guest, waited = wait_ready(host, paths, endpoint, login, Deadline.after(playbook.boot.timeout))
+                    guest, waited = wait_ready(
+                        lambda d: target.alive(host, d), lambda: target.probe(host),
+                        lambda d: target.login(host, d), Deadline.after(playbook.boot.timeout),
+                    )
                 except BootFailed as e:
                     return [Outcome(OutcomeKind.BOOT_FAILED, e.summary, {}, ("console.log",))]
                 except TunnelRefused as e:
@@ -263,7 +254,7 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                 if wrong:
                     return [wrong]
             with timed("reproduce"):
-                outcomes = reproduce(playbook, ReproContext(guest, host, step_dir, lab.ui.detail, vm=paths,
+                outcomes = reproduce(playbook, ReproContext(guest, host, step_dir, lab.ui.detail, target=target,
                                                             vm_started=vm_started, release=built.release,
                                                             host_generation=generation))
             if all(o.kind in (OutcomeKind.PASS, OutcomeKind.FAIL) for o in outcomes):
@@ -320,7 +311,7 @@ def _save_dmesg(guest: Remote, step_dir: Path, ui: UI) -> None:
         write_text_masked(step_dir / "dmesg.log", res.stdout)
 
 
-def _cleanup(lab: Lab, host: Remote, paths, step_dir: Path, timed) -> None:
+def _cleanup(lab: Lab, target, host: Remote, step_dir: Path, timed) -> None:
     """Stop the VM and fetch its console. Runs on every exit path; never raises. A controller
     that lost the host's lease leaves the VM alone: it may be another controller's by now."""
     ui = lab.ui
@@ -329,11 +320,11 @@ def _cleanup(lab: Lab, host: Remote, paths, step_dir: Path, timed) -> None:
             if lab.lease_lost:
                 ui.warn("the host's lease was lost: leaving the VM to whoever holds it now")
             else:
-                boot_qemu.stop_vm(host, paths, Deadline.after(60))
+                target.stop(host, Deadline.after(60))
         except Exception as e:  # noqa: BLE001 - cleanup reports, it does not mask the real error
             ui.warn(f"could not stop the VM: {e}")
         try:
-            host.get(paths.console, step_dir / "console.log", deadline=Deadline.after(60))
+            target.fetch_console(host, step_dir / "console.log", Deadline.after(60))
             mask_file(step_dir / "console.log")
         except Exception as e:  # noqa: BLE001
             ui.detail(f"no console log: {e}")

@@ -14,19 +14,19 @@ may be defined once only; a second definition is an error naming both files.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from ..errors import ConfigError, UserError
 from ..remote.base import SSHParams
-from .loader import Int, Lines, Problem, Seconds, Strict, read_yaml, sort_problems, validate
+from ..targets import config_models
+from .loader import Int, Lines, Problem, Seconds, Strict, by_kind, read_yaml, sort_problems, validate
+from .target import existing_file
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -76,93 +76,11 @@ class SSH(Strict):
         )
 
 
-class Guest(Strict):
-    """How the controller reaches the VM's sshd once it boots.
-
-    `via: direct` connects to address:port from the controller (the port QEMU forwards, or a
-    bridged guest address); `via: host` tunnels through the host's SSH connection
-    (direct-tcpip), for guests only the host can see. The guest is recreated every step, so
-    its host key is fixed in the image (`host_key`: a .pub file or the key line) and checked.
-    """
-
-    address: str = "127.0.0.1"
-    port: int = Int(1, 65535)
-    via: Literal["direct", "host"] = "host"
-    user: str = "root"
-    key: str | None = None
-    host_key: str
-
-    @field_validator("key")
-    @classmethod
-    def _files(cls, v: str | None) -> str | None:
-        return existing_file(v)
-
-    @field_validator("host_key")
-    @classmethod
-    def _key_line_or_file(cls, v: str) -> str:
-        v = v.strip()
-        if not v.startswith(("ssh-", "ecdsa-", "sk-")):
-            path = Path(os.path.expanduser(v))
-            try:
-                with open(path, "rb") as f:
-                    v = f.read(64 << 10).decode("utf-8", "replace").strip()
-            except OSError as e:
-                raise ValueError(f"{str(path)!r} is neither a public key line nor a readable .pub file "
-                                 f"({e.strerror or e})")
-        return public_key_line(v)
-
-
-def existing_file(value: str | None) -> str | None:
-    """A file the connection will read (a key, known_hosts): missing is an error now, not at
-    connect time after the build."""
-    if value is not None and not Path(os.path.expanduser(value)).is_file():
-        raise ValueError(f"{value!r}: no such file")
-    return value
-
-
-def public_key_line(line: str) -> str:
-    """`TYPE BASE64 [COMMENT]`, as in a .pub file, checked by loading the key as SSH will."""
-    import paramiko
-
-    parts = line.split()
-    why = "expected TYPE BASE64 [COMMENT], e.g. the line of a .pub file"
-    if len(parts) >= 2 and "\n" not in line:
-        try:
-            paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1], validate=True))
-            return line
-        except binascii.Error:
-            why = "its key data is not base64"
-        except Exception as e:  # noqa: BLE001 - paramiko raises several kinds for a bad key
-            why = f"paramiko cannot load it: {e}"
-    shown = line if len(line) <= 60 else line[:57] + "..."
-    raise ValueError(f"{shown!r} is not an OpenSSH public key ({why})")
-
-
-class QemuTarget(Strict):
-    kind: Literal["qemu"]
-    qemu: str = "qemu-system-x86_64"
-    machine: str = "q35"
-    accel: Literal["auto", "kvm", "tcg"] = "auto"
-    guest: Guest
-
-    def guest_ssh_params(self, host_name: str) -> SSHParams:
-        g = self.guest
-        return SSHParams(
-            name=f"{host_name}/guest",
-            host=g.address,
-            port=g.port,
-            user=g.user,
-            key_files=(os.path.expanduser(g.key),) if g.key else (),
-            host_keys=(g.host_key,),
-            connect_timeout=10.0,
-        )
-
-
 class Host(Strict):
     name: SkipJsonSchema[str] = ""  # filled in from the key
     ssh: SSH
     work_dir: str = "/var/tmp/fleetbisect"
-    target: QemuTarget
+    target: by_kind(*config_models())  # one model per target kind, chosen by `kind`
     source: SkipJsonSchema[str] = ""  # file it came from, for messages
 
     @field_validator("work_dir")

@@ -25,8 +25,8 @@ class ReproContext:
     step_dir: Path
     log: Callable[[str], None]
     log_name: str = "reproducer.log"  # evidence file of this run (several when composed/repeated)
-    vm: object = None  # stages.boot_qemu.VMPaths of the running VM
-    vm_started: float = 0.0  # time.monotonic() when QEMU started
+    target: object = None  # targets.Target that booted the guest (the console reproducer waits on it)
+    vm_started: float = 0.0  # time.monotonic() when the target started
     release: str | None = None  # the kernel release the build stamped
     # The host connection's generation when the guest session was opened (SSHRemote.generation):
     # a guest lost while the host link was cut and reconnected under it is the link's fault.

@@ -14,14 +14,8 @@ import time
 from .. import console
 from ..deadline import Deadline
 from ..masking import mask_file
-from ..stages.boot_qemu import VMPaths
 from ..verdict import Outcome, OutcomeKind
 from . import ReproContext
-
-# Wait on the host, in one round trip, for QEMU to exit (its pidfile names it) or `timeout`.
-_WAIT_EXIT = 'p=$(cat "$1" 2>/dev/null) || exit 0; end=$(( $(date +%s) + $2 )); ' \
-             'while kill -0 "$p" 2>/dev/null; do [ "$(date +%s)" -ge "$end" ] && exit 1; sleep 0.2; done; exit 0'
-
 
 def judge(text: str, spec, release: str | None, *, exited: bool) -> Outcome:
     """Pure: the outcome of one init-as-reproducer boot from its console text."""
@@ -56,12 +50,9 @@ def judge(text: str, spec, release: str | None, *, exited: bool) -> Outcome:
 
 
 def run(spec, ctx: ReproContext) -> list[Outcome]:
-    paths: VMPaths = ctx.vm
     left = max(1.0, spec.timeout - (time.monotonic() - ctx.vm_started))
-    res = ctx.host.run(["sh", "-c", _WAIT_EXIT, "sh", paths.pidfile, str(int(left) + 1)],
-                       deadline=Deadline.after(left + 30))
-    exited = res.ok
+    exited = ctx.target.wait_off(ctx.host, left)
     local = ctx.step_dir / "console.log"
-    ctx.host.get(paths.console, local, deadline=Deadline.after(60))
+    ctx.target.fetch_console(ctx.host, local, Deadline.after(60))
     mask_file(local)
     return [judge(local.read_text(errors="replace"), spec, ctx.release, exited=exited)]

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from ..deadline import Deadline
 from ..remote.base import Remote, RemoteError, TunnelRefused
 from ..verdict import Outcome, OutcomeKind
-from .boot_qemu import VMPaths, vm_alive
 
 POLL = 0.05
 PROBE_TIMEOUT = 0.5
@@ -67,10 +66,9 @@ def probe_banner(endpoint: GuestEndpoint, timeout: float = PROBE_TIMEOUT) -> boo
 
 
 def wait_ready(
-    host: Remote,
-    paths: VMPaths,
-    endpoint: GuestEndpoint,
-    connect,  # callable(deadline) -> Remote: the real SSH login to the guest
+    alive,  # callable(deadline) -> bool: the target still runs (Target.alive on its host)
+    probe,  # callable() -> bool: the guest answers (an SSH banner), quick
+    connect,  # callable(deadline) -> Remote: the real login to the guest
     deadline: Deadline,
     alive_every: float = 1.0,
 ) -> tuple[Remote, float]:
@@ -82,7 +80,7 @@ def wait_ready(
     started = time.monotonic()
     next_alive = started + alive_every
     while True:
-        if probe_banner(endpoint):
+        if probe():
             try:
                 return connect(deadline), time.monotonic() - started
             except RemoteError:
@@ -93,7 +91,7 @@ def wait_ready(
             raise BootFailed(f"guest did not answer SSH within {deadline.seconds:.0f}s")
         if now >= next_alive:
             next_alive = now + alive_every
-            if not vm_alive(host, paths, deadline.sub(15)):
+            if not alive(deadline.sub(15)):
                 raise BootFailed("QEMU exited before the guest answered SSH")
         time.sleep(POLL)
 

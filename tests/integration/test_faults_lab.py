@@ -137,7 +137,7 @@ def test_check_runs_the_reproducer_preflight_in_a_guest_that_answers(
     """With a guest up at the inventory's address, `check` logs in and finds that scp-stress
     into /dev/null cannot work, before any run marks a commit."""
     from fleetbisect.deadline import Deadline
-    from fleetbisect.stages import boot_qemu
+    from fleetbisect.targets import qemu as boot_qemu
     from fleetbisect.stages.ready import GuestEndpoint, probe_banner
 
     _, playbook = playbook_variant({"reproducer": {"dest": "/dev/null"}})

@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from fleetbisect.stages.boot_qemu import VMPaths, accel_args, qemu_argv
+from fleetbisect.targets.qemu import VMPaths, accel_args, qemu_argv
 
 
 def make(accel="tcg", root=None, qemu_args=()):

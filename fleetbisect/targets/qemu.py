@@ -1,4 +1,4 @@
-"""Boot stage for `kind: qemu`: a VM started by the host over SSH, direct kernel boot.
+"""`kind: qemu`: a VM started by the host over SSH, direct kernel boot.
 
 `qemu_argv` is a pure function (tested without any host); `start_vm`/`stop_vm` are the only
 places that touch the VM, and they touch only the VM this tool started: its PID comes from our
@@ -10,9 +10,14 @@ from __future__ import annotations
 import posixpath
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
 
+from ..config.target import TargetConfig
 from ..deadline import Deadline
+from ..files import write_text_masked
 from ..remote.base import Remote
+from .base import Check, Target, TargetStartFailed
 
 
 @dataclass(frozen=True)
@@ -115,3 +120,58 @@ def vm_alive(host: Remote, paths: VMPaths, deadline: Deadline) -> bool:
 
 def describe(argv: list[str]) -> str:
     return shlex.join(argv)
+
+
+class QemuConfig(TargetConfig):
+    """`target: {kind: qemu, ...}` in the inventory."""
+
+    kind: Literal["qemu"]
+    qemu: str = "qemu-system-x86_64"
+    machine: str = "q35"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+
+# Wait on the host, in one round trip, for QEMU to exit (its pidfile names it) or $2 seconds.
+_WAIT_EXIT = 'p=$(cat "$1" 2>/dev/null) || exit 0; end=$(( $(date +%s) + $2 )); ' \
+             'while kill -0 "$p" 2>/dev/null; do [ "$(date +%s)" -ge "$end" ] && exit 1; sleep 0.2; done; exit 0'
+
+
+class Qemu(Target):
+    """`kind: qemu`: a QEMU the host starts over SSH for each step, direct kernel boot, user-mode
+    networking forwarding the guest's sshd to `guest.port`. Its files live in WORK_DIR/vm."""
+
+    kind = "qemu"
+    Config = QemuConfig
+
+    def __init__(self, host_cfg, playbook):
+        super().__init__(host_cfg, playbook)
+        self.paths = VMPaths.under(host_cfg.work_dir)
+
+    def probes(self, host: Remote, deadline: Deadline) -> list[Check]:
+        res = host.run(["sh", "-c", 'command -v "$1"', "sh", self.config.qemu], deadline=deadline)
+        if res.ok:
+            return [Check("qemu", True, res.stdout.strip())]
+        return [Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
+
+    def stop(self, host: Remote, deadline: Deadline) -> str:
+        return stop_vm(host, self.paths, deadline)
+
+    def start(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
+        argv = qemu_argv(self.config, self.playbook.boot, kernel=artifacts["kernel"],
+                         initrd=artifacts.get("initrd"), paths=self.paths)
+        write_text_masked(step_dir / "commands.txt", describe(argv) + "\n")
+        started = start_vm(host, argv, self.paths, deadline)
+        if not started.ok:
+            raise TargetStartFailed(
+                f"QEMU did not start (exit {started.exit_status}): {started.stderr.strip()[-300:]}")
+
+    def alive(self, host: Remote, deadline: Deadline) -> bool:
+        return vm_alive(host, self.paths, deadline)
+
+    def wait_off(self, host: Remote, seconds: float) -> bool:
+        res = host.run(["sh", "-c", _WAIT_EXIT, "sh", self.paths.pidfile, str(int(seconds) + 1)],
+                       deadline=Deadline.after(seconds + 30))
+        return res.ok
+
+    def fetch_console(self, host: Remote, local: Path, deadline: Deadline) -> None:
+        host.get(self.paths.console, local, deadline=deadline)
