@@ -293,12 +293,10 @@ class Libvirt(Target):
                              deadline=deadline, check=False)
             if not res.ok:
                 return Check("emulator", False, (res.stderr or res.stdout).strip()[-300:])
-            import xml.etree.ElementTree as ET
-
             try:
-                node = ET.fromstring(res.stdout).find("path")
+                node = dx.ET.fromstring(res.stdout).find("path")
                 path = node.text.strip() if node is not None and node.text else None
-            except ET.ParseError:
+            except dx.ET.ParseError:
                 path = None
             if path is None:
                 return Check("emulator", False, "libvirt names no emulator for this domain type")
