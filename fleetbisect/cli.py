@@ -101,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="net-hang",
                    choices=("net-hang", "panic", "oops-warning", "boot-slow", "console"),
                    help="which regression the lab seeds (default: net-hang)")
+    p.add_argument("--target", default="qemu", choices=("qemu", "libvirt"),
+                   help="what boots the guest: a QEMU per step, or a libvirt domain (default: qemu)")
 
     p = sub.add_parser("initramfs", help="build an init-as-reproducer initramfs (for the console reproducer)")
     isub = p.add_subparsers(dest="initramfs_command", required=True, metavar="ACTION")
@@ -276,7 +278,7 @@ def cmd_demo(args, ui: UI) -> int:
 
     base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     with ui.live():
-        return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario)
+        return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario, target=args.target)
 
 
 def cmd_report(args, ui: UI) -> int:

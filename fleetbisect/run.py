@@ -137,6 +137,7 @@ def resume_run(run_dir: Path, ui: UI) -> Report:
             raise UserError(f"{run_dir}: the journal has no run-started event")
         spec = RunSpec.from_json(state.config)
         if state.final:
+            _restore_finished(spec, me, ui)
             return _finished(spec, state, run_dir, ui)
         host = load_inventory(spec.inventory).host(spec.host)
         playbook = load_playbook(spec.playbook)
@@ -155,6 +156,27 @@ def resume_run(run_dir: Path, ui: UI) -> Report:
         Journal(run_dir).append("resumed", decided=len(state.decided), marks=len(state.marks),
                                 controller=me)
         return _drive(spec, state, host, playbook, run_dir, ui, me, lock)
+
+
+def _restore_finished(spec: RunSpec, me: dict, ui: UI) -> None:
+    """A run that has its answer but whose controller died before putting the target back (a
+    domain's saved definition): put it back now, under the host's lease. Never raises."""
+    from .config.inventory import load_inventory
+    from .config.playbook import load_playbook
+
+    try:
+        host = load_inventory(spec.inventory).host(spec.host)
+        playbook = load_playbook(spec.playbook)
+    except UserError as e:
+        ui.warn(f"cannot check whether {spec.host}'s target needs restoring: {e}")
+        return
+    if type(targets.for_host(host, playbook)).restore is targets.Target.restore:
+        return
+    try:
+        with leased(host, spec.run_id, playbook.policy.retries, ui, me["token"]):
+            _restore_target(host, playbook, ui)
+    except RunAborted as e:
+        ui.warn(f"could not restore {spec.host}'s target: {e}")
 
 
 def _same_host(spec: RunSpec, host) -> None:

@@ -120,8 +120,8 @@ def by_kind(*members: type[BaseModel]) -> Any:
     return Annotated[
         Union[tuple(Annotated[m, Tag(_tag(k))] for k, m in kinds.items())],
         Discriminator(
-            lambda v: _tag(v["kind"]) if isinstance(v, dict) and isinstance(v.get("kind"), str) and v["kind"] in kinds
-            else None,
+            lambda v: _tag(k) if isinstance(k := (v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)), str)
+            and k in kinds else None,  # a dict when validating, a model when serializing
             custom_error_type="unknown_kind",
             custom_error_message=f"needs a `kind`, one of: {valid}",
         ),

@@ -9,6 +9,7 @@ path as `fleetbisect run` and checks the answer against the `Seeded-regression` 
 from __future__ import annotations
 
 import random
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -28,10 +29,14 @@ def lab_playbook(scenario: str = "net-hang") -> Path:
     return PLAYBOOKS / f"{scenario}.yaml"
 
 
-def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct") -> Path:
-    """An inventory for lab hosts (LabHost objects): the same file a user would write."""
+def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", target: dict | None = None,
+                        guest_port: int | None = None) -> Path:
+    """An inventory for lab hosts (LabHost objects): the same file a user would write. `target`
+    replaces the QEMU target's own fields (e.g. {"kind": "libvirt", "domain": "fb-lab-1234"});
+    `guest_port` is the forwarded port, when a domain already forwards one."""
     entries = {}
     for host in hosts:
+        kind = dict(target) if target else {"kind": "qemu", "accel": "tcg"}
         entries[host.name] = {
             "ssh": {
                 "address": "127.0.0.1",
@@ -43,11 +48,10 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct") -> Pa
             },
             "work_dir": str(host.base_dir / "work"),
             "target": {
-                "kind": "qemu",
-                "accel": "tcg",
+                **kind,
                 "guest": {
                     "address": "127.0.0.1",
-                    "port": free_port(),
+                    "port": guest_port or free_port(),
                     "via": via,
                     "user": assets.guest_user,
                     "key": str(assets.guest_user_key),
@@ -60,7 +64,10 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct") -> Pa
     return path
 
 
-def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang") -> int:
+def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang",
+         target: str = "qemu") -> int:
+    """`target`: "qemu" (a QEMU the host starts per step) or "libvirt" (a domain the lab's
+    libvirtd already has, booted with each step's kernel and put back exactly as it was)."""
     from .image import ensure_assets
     from .kernelrepo import generate_repo
     from .vmhost import LabHost
@@ -73,9 +80,15 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
     assets = ensure_assets()
     ui.step(f"lab: generating a kernel repo of {commits} commits (scenario {scenario}, seed {seed})")
     repo = generate_repo(base / "linux", assets, commits=commits, seed=seed, scenario=scenario)
-    with LabHost.start(base / "host", name="lab-host") as host:
+    with LabHost.start(base / "host", name="lab-host") as host, ExitStack() as stack:
         ui.step(f"lab: VM host lab-host is sshd on 127.0.0.1:{host.port}")
-        inventory = write_lab_inventory(base / "inventory.yaml", [host], assets)
+        domain = None
+        if target == "libvirt":
+            domain, extra = _libvirt_domain(base, assets, ui, stack)
+            inventory = write_lab_inventory(base / "inventory.yaml", [host], assets, **extra)
+            before = domain.dumpxml()
+        else:
+            inventory = write_lab_inventory(base / "inventory.yaml", [host], assets)
         playbook_path = lab_playbook(scenario)
         host_cfg = load_inventory([inventory]).host("lab-host")
         playbook = load_playbook(playbook_path)
@@ -83,6 +96,11 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
             repo=repo.path, good=repo.good, bad=repo.bad, host=host_cfg, inventory=[inventory],
             playbook=playbook, playbook_path=playbook_path, run_dir=base / "run", ui=ui,
         )
+        restored = domain is None or domain.dumpxml() == before
+        if not restored:
+            ui.error(f"the domain {domain.name} is not defined as it was before the run")
+        elif domain is not None:
+            ui.good(f"the domain {domain.name} is defined exactly as it was before the run")
     seeded = repo.culprit
     found = report.culprit == seeded and report.status == "found"
     if found:
@@ -94,4 +112,19 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
         ui.error(f"expected the seeded regression {seeded[:12]}, the run says: {report.message}")
     print(f"run directory: {report.run_dir}")
     print(answer_line(report.status, report.culprit, report.culprit_subject, report.message))
-    return 0 if found else 1
+    return 0 if found and restored else 1
+
+
+def _libvirt_domain(base: Path, assets, ui: UI, stack: ExitStack):
+    """Start the lab's libvirt and define the domain a user would already have; both go away
+    when `stack` closes. Returns the domain and write_lab_inventory's extra arguments."""
+    from .libvirtd import LabDomain, LabLibvirt, lab_domain_xml, unique_name
+
+    ui.step("lab: starting virtlogd and libvirtd (the first virsh call takes ~12 s)")
+    lab = stack.enter_context(LabLibvirt.start(base / "libvirt"))
+    port = free_port()
+    xml = lab_domain_xml(unique_name("fb-demo"), kernel=str(assets.kernel), initrd=str(assets.base_initramfs),
+                         guest_port=port)
+    domain = stack.enter_context(LabDomain.define(xml, lab.base_dir))
+    ui.step(f"lab: libvirt domain {domain.name} forwards 127.0.0.1:{port} to its guest's sshd")
+    return domain, {"target": {"kind": "libvirt", "domain": domain.name}, "guest_port": port}

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import Check, Target, TargetStartFailed
+from .libvirt import Libvirt
 from .qemu import Qemu
 
-KINDS: dict[str, type[Target]] = {cls.kind: cls for cls in (Qemu,)}
+KINDS: dict[str, type[Target]] = {cls.kind: cls for cls in (Qemu, Libvirt)}
 
 
 def config_models() -> tuple[type, ...]:
