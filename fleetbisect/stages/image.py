@@ -191,6 +191,27 @@ def deploy_image(host: Remote, blob: str, spec, work_dir: str, deadline: Deadlin
     return dest
 
 
+def probes(host: Remote, spec, work_dir: str, deadline: Deadline) -> list:
+    """Read-only checks for `fleetbisect check`: qemu-img on the host, and room for the disk
+    where it will be (the nearest existing directory of DEST)."""
+    from ..targets.base import Check  # targets import this module
+
+    res = host.run(["sh", "-c", "command -v qemu-img"], deadline=deadline.sub(INFO_TIMEOUT))
+    checks = [Check("qemu-img", res.ok, res.stdout.strip() if res.ok else
+                    "qemu-img not found in PATH on the host: it converts the disk image (Debian: qemu-utils)")]
+    directory = posixpath.dirname(dest_path(spec, work_dir))
+    nearest = 'd=$1; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d"'
+    res = host.run(["sh", "-c", nearest, "sh", directory], deadline=deadline.sub(INFO_TIMEOUT))
+    if not res.ok:
+        return checks + [Check("disk image space", False, f"df failed for {directory}: {res.stderr.strip()[-200:]}")]
+    free = parse_df(res.stdout, directory)
+    if spec.size and free < spec.size:
+        return checks + [Check("disk image space", False, f"{directory}: {_gib(free)} free, "
+                               f"image.size needs {_gib(spec.size)}")]
+    return checks + [Check("disk image space", True, f"{directory}: {_gib(free)} free"
+                           + (f" for {_gib(spec.size)}" if spec.size else ""))]
+
+
 def _checked(host: Remote, argv: list[str], deadline: Deadline, what: str) -> None:
     res = host.run(argv, deadline=deadline)
     if not res.ok:

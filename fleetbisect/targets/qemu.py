@@ -19,7 +19,7 @@ from ..config.target import TargetConfig
 from ..deadline import Deadline
 from ..files import write_text_masked
 from ..remote.base import Remote
-from ..stages.image import deploy_image
+from ..stages.image import deploy_image, probes as image_probes
 from .base import Check, Target, TargetStartFailed
 
 
@@ -164,9 +164,11 @@ class Qemu(Target):
 
     def probes(self, host: Remote, deadline: Deadline) -> list[Check]:
         res = host.run(["sh", "-c", 'command -v "$1"', "sh", self.config.qemu], deadline=deadline)
-        if res.ok:
-            return [Check("qemu", True, res.stdout.strip())]
-        return [Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
+        checks = [Check("qemu", True, res.stdout.strip()) if res.ok else
+                  Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
+        if self.playbook.disk_image is not None:
+            checks += image_probes(host, self.playbook.disk_image, self.host_cfg.work_dir, deadline)
+        return checks
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
         return stop_vm(host, self.paths, deadline)

@@ -196,3 +196,16 @@ def test_real_encode_sends_a_raw_image_without_its_zero_blocks(tmp_path):
     assert qemu_img("compare", str(raw), str(sent)).startswith("Images are identical")
     assert image.encode(sent, "sparse", tmp_path / "x", Deadline.after(60)) == sent  # qcow2 as it is
 
+
+
+def test_check_probes_qemu_img_and_the_room_for_the_disk():
+    host = FakeRemote("vmhost")
+    host.on("sh -c 'command -v qemu-img'", exit_status=1)
+    host.on(re.compile(r"df -Pk"), stdout="F 1 U A C M\n/dev/x 1 1 1048576 1% /\n")  # 1 GiB free
+    checks = image.probes(host, spec(dest="/var/lib/libvirt/images/new/repro.raw"), "/w", Deadline.after(10))
+    assert [(c.name, c.ok) for c in checks] == [("qemu-img", False), ("disk image space", False)]
+    assert "qemu-utils" in checks[0].detail
+    assert "1.00 GiB" in checks[1].detail and "10.00 GiB" in checks[1].detail
+    assert "/var/lib/libvirt/images/new" in host.commands()[-1]  # nothing made: the nearest that exists
+    host.on("sh -c 'command -v qemu-img'", stdout="/usr/bin/qemu-img\n")
+    assert all(c.ok for c in image.probes(host, spec(size=None), "/w", Deadline.after(10)))
