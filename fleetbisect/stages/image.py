@@ -59,8 +59,9 @@ def encoding(send: str) -> str:
 
 
 def blob_suffix(send: str) -> str:
-    """What a blob's name adds to the original's sha256: one blob per (content, encoding)."""
-    return "" if send == "plain" else f".{send}"
+    """What an image blob's name adds to the original's sha256: one blob per (content,
+    encoding), and the push stage prunes image blobs apart from the small ones."""
+    return ".image" if send == "plain" else f".{send}"
 
 
 def encode_argv(src: Path, src_format: str, send: str, out: Path) -> list[str] | None:

@@ -26,6 +26,7 @@ from . import image as disk_image
 from .build import sha256_file
 
 KEEP_BLOBS = 12  # most recently used blobs kept on the host; older ones are pruned
+KEEP_IMAGE_BLOBS = 2  # of disk images (GBs each: a dozen could fill the host), counted apart
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,10 @@ def push(
 
     # Prune old blobs so a long run cannot fill the host's disk; never the ones just used.
     keep = sorted(set(digests.values()))
+    # Image blobs carry a suffix (`<sha256>.sparse`); they are counted apart.
     prune = (
-        f"cd {shlex.quote(blobs)} && ls -1t | tail -n +{KEEP_BLOBS + 1} | "
+        f"cd {shlex.quote(blobs)} && ls -1t | awk '/\\./ {{ if (++i > {KEEP_IMAGE_BLOBS}) print; next }} "
+        f"{{ if (++n > {KEEP_BLOBS}) print }}' | "
         "while read -r f; do case \" $* \" in *\" $f \"*) ;; *) rm -f -- \"$f\";; esac; done"
     )
     host.run(["sh", "-c", prune, "sh", *keep], deadline=deadline.sub(60))

@@ -133,7 +133,7 @@ def test_what_travels():
     assert image.encode_argv(src, "raw", "plain", out) is None
     assert image.encode_argv(src, "qcow2", "compressed", out)[5:9] == [
         "qcow2", "-c", "-o", "compression_type=zstd"]
-    assert image.blob_suffix("plain") == "" and image.blob_suffix("sparse") == ".sparse"
+    assert image.blob_suffix("plain") == ".image" and image.blob_suffix("sparse") == ".sparse"
 
 
 # --- the same with the real qemu-img, on this machine ---------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -150,5 +151,26 @@ def test_a_raw_image_is_pushed_without_its_zeros_and_only_once(tmp_path):
 def test_a_plain_push_sends_the_file_as_built(tmp_path):
     img = sparse_raw(tmp_path / "disk.img")
     got = push(FakeRemote("vmhost"), "/w", {"image": img}, Deadline.after(60), image_send="plain")
-    assert got.remote_paths["image"] == f"/w/blobs/{sha256_file(img)}"
+    assert got.remote_paths["image"] == f"/w/blobs/{sha256_file(img)}.image"
     assert got.uploaded["image"] == 64 << 20
+
+
+def test_old_image_blobs_are_pruned_apart_from_the_small_ones(tmp_path):
+    """GB-sized image blobs: only the last KEEP_IMAGE_BLOBS stay; kernels keep their dozen."""
+    from fleetbisect.remote.local import LocalRemote
+    from fleetbisect.stages.push import KEEP_BLOBS, KEEP_IMAGE_BLOBS
+
+    blobs = tmp_path / "work" / "blobs"
+    blobs.mkdir(parents=True)
+    for i in range(20):  # older blobs, oldest first
+        for name in (f"{i:064x}", f"{i:064x}.sparse"):
+            (blobs / name).write_bytes(b"old")
+            os.utime(blobs / name, (1000 + i, 1000 + i))
+    img, kernel = sparse_raw(tmp_path / "disk.img"), tmp_path / "bzImage"
+    kernel.write_bytes(b"k" * 100)
+    got = push(LocalRemote("here"), str(tmp_path / "work"), {"kernel": kernel, "image": img}, Deadline.after(60))
+    left = sorted(p.name for p in blobs.iterdir())
+    images = [n for n in left if "." in n]
+    assert len(images) == KEEP_IMAGE_BLOBS and Path(got.remote_paths["image"]).name in images
+    assert f"{19:064x}.sparse" in images  # the newest old one
+    assert len(left) - len(images) == KEEP_BLOBS and Path(got.remote_paths["kernel"]).name in left
