@@ -209,3 +209,19 @@ def test_check_probes_qemu_img_and_the_room_for_the_disk():
     assert "/var/lib/libvirt/images/new" in host.commands()[-1]  # nothing made: the nearest that exists
     host.on("sh -c 'command -v qemu-img'", stdout="/usr/bin/qemu-img\n")
     assert all(c.ok for c in image.probes(host, spec(size=None), "/w", Deadline.after(10)))
+
+
+def test_real_compressed_encoding_deploys_to_the_same_disk(tmp_path):
+    raw = tmp_path / "nixos.img"
+    qemu_img("create", "-f", "raw", str(raw), "32M")
+    with open(raw, "r+b") as f:
+        f.seek(3 << 20)
+        f.write(b"compressible text " * 50000)
+    sent = image.encode(raw, "compressed", tmp_path, Deadline.after(60))
+    assert json.loads(qemu_img("info", "--output=json", str(sent)))["format-specific"]["data"][
+        "compression-type"] == "zstd"
+    (tmp_path / "s").mkdir()
+    sparse = image.encode(raw, "sparse", tmp_path / "s", Deadline.after(60))
+    assert sent.stat().st_size * 2 < sparse.stat().st_size  # ~900 KB of text: compressed clusters
+    dest = deploy_image(LocalRemote("here"), str(sent), spec(size=None), str(tmp_path / "w"), Deadline.after(60))
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", str(raw), dest).startswith("Images are identical")
