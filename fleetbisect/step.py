@@ -223,7 +223,8 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                 if stopped:
                     lab.ui.detail(f"previous VM: {stopped}")
             with timed("push", playbook.push_timeout):
-                result = push(host, host_cfg.work_dir, built.artifacts, Deadline.after(playbook.push_timeout), lab.hashes)
+                result = push(host, host_cfg.work_dir, built.artifacts, Deadline.after(playbook.push_timeout),
+                              lab.hashes, image_send=playbook.image.send)
             pushed.update(result.uploaded)
             lab.ui.detail(f"pushed {sum(result.uploaded.values())} bytes ({', '.join(result.uploaded) or 'nothing changed'})")
             with timed("boot"):

@@ -53,6 +53,32 @@ class Boot(Strict):
     timeout: Seconds = 300.0  # from QEMU start to a guest that answers SSH
 
 
+class Image(Strict):
+    """The disk the target boots from, when the build makes one (artifact `image`, e.g.
+    `result/nixos.qcow2` from `nix build .#qemuImage`). Each step it is converted on the host
+    into `dest` (`qemu-img convert -O FORMAT`, then grown to `size`): free space is checked
+    first, the pushed blob is left as it is, and the previous disk stays until the new one is
+    complete (stages/image.py). `send` says how it travels: `sparse` sends a raw image as a
+    qcow2 made here (zero blocks are not sent; a qcow2 goes as it is), `compressed` as a qcow2
+    with zstd-compressed clusters (pays on links slower than ~1 Gbit/s: bench/image_push.py),
+    `plain` the file as built."""
+
+    format: Literal["raw", "qcow2"] = "raw"
+    size: Bytes | None = None  # grown to this virtual size (never shrunk); default: the image's
+    dest: str | None = Field(None, description="absolute path on the host; default WORK_DIR/disk.FORMAT")
+    send: Literal["sparse", "compressed", "plain"] = "sparse"
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or ".." in v.split("/") or v.endswith("/")):
+            raise ValueError(f"{v!r}: an absolute file path on the host, without '..'")
+        return v
+
+
+ARTIFACTS = ("kernel", "initrd", "image")
+
+
 class Verify(Strict):
     # What prints the running kernel's release in the guest; compared with the build's.
     command: str = "uname -r"
@@ -205,6 +231,7 @@ class Playbook(Strict):
     push: Push = Field(default_factory=Push)
     boot: Boot = Field(default_factory=Boot)
     verify: Verify = Field(default_factory=Verify)
+    image: Image = Field(default_factory=Image)  # used when there is an `image` artifact
     # One reproducer, or several run in order in the same boot (e.g. boot-time, then scp-stress).
     reproducer: Annotated[list[Reproducer], BeforeValidator(lambda v: [v] if isinstance(v, dict) else v,
                                                             json_schema_input_type=Union[Reproducer, list[Reproducer]])]
@@ -216,15 +243,33 @@ class Playbook(Strict):
     @field_validator("artifacts")
     @classmethod
     def _kernel(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = set(v) - {"kernel", "initrd"}
+        unknown = set(v) - set(ARTIFACTS)
         if unknown:
-            raise ValueError(f"unknown artifact {sorted(unknown)[0]!r} (valid: kernel, initrd)")
-        if "kernel" not in v:
-            raise ValueError("needs a kernel artifact (e.g. kernel: arch/x86/boot/bzImage)")
+            raise ValueError(f"unknown artifact {sorted(unknown)[0]!r} (valid: {', '.join(ARTIFACTS)})")
+        if "kernel" not in v and "image" not in v:
+            raise ValueError("needs a kernel artifact (e.g. kernel: arch/x86/boot/bzImage) or a disk "
+                             "image (e.g. image: result/nixos.qcow2)")
+        if "initrd" in v and "kernel" not in v:
+            raise ValueError("an initrd is booted with a kernel: add a kernel artifact (an image "
+                             "alone boots with its own bootloader)")
         for rel in v.values():
             if rel.startswith("/") or ".." in Path(rel).parts:
                 raise ValueError(f"{rel!r}: artifacts are paths inside the tree")
         return v
+
+    @field_validator("image")
+    @classmethod
+    def _image_artifact(cls, v: Image, info) -> Image:  # runs only when `image:` is written
+        artifacts = info.data.get("artifacts")
+        if artifacts is not None and "image" not in artifacts:
+            raise ValueError("says how to deploy a disk image, and artifacts has no `image` "
+                             "(e.g. image: result/nixos.qcow2)")
+        return v
+
+    @property
+    def disk_image(self) -> Image | None:
+        """How to deploy the build's disk image, or None when the build makes none."""
+        return self.image if "image" in self.artifacts else None
 
     @field_validator("reproducer")
     @classmethod

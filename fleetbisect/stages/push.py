@@ -3,6 +3,11 @@
 Each artifact lands at `<work_dir>/blobs/<sha256>`: uploaded to `staging/` under a unique name
 and renamed into place, so a blob that exists is complete, and an unchanged artifact (same
 hash) costs one `test -e` and no transfer at all.
+
+A disk image (artifact `image`) may travel encoded (stages/image.py `encode`: a raw image as a
+qcow2 without its zero blocks, or with compressed clusters): its blob is named after the
+original's sha256 plus the encoding (`<sha256>.sparse`), made only when that blob is missing,
+and read as it is by the host's `qemu-img convert`.
 """
 
 from __future__ import annotations
@@ -10,15 +15,18 @@ from __future__ import annotations
 import os
 import posixpath
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..deadline import Deadline
 from ..remote.base import Remote
+from . import image as disk_image
 from .build import sha256_file
 
 KEEP_BLOBS = 12  # most recently used blobs kept on the host; older ones are pruned
+KEEP_IMAGE_BLOBS = 2  # of disk images (GBs each: a dozen could fill the host), counted apart
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,16 @@ def push(
     artifacts: dict[str, Path],
     deadline: Deadline,
     hashes: HashCache | None = None,
+    image_send: str = "sparse",
 ) -> PushResult:
+    """`image_send`: how the `image` artifact travels (the playbook's image.send)."""
     started = time.monotonic()
     hashes = hashes or HashCache()
     blobs = posixpath.join(work_dir, "blobs")
     staging = posixpath.join(work_dir, "staging")
-    digests = {name: hashes(path) for name, path in artifacts.items()}
+    send = disk_image.encoding(image_send) if "image" in artifacts else "plain"
+    digests = {name: hashes(path) + (disk_image.blob_suffix(send) if name == "image" else "")
+               for name, path in artifacts.items()}
 
     # One round trip: make the dirs, report which blobs exist, and mark them used (mtime).
     script = (
@@ -73,15 +85,21 @@ def push(
         if digest in present:
             continue
         part = posixpath.join(staging, f"{digest}.{os.getpid()}.part")
-        stats = host.put(path, part, deadline=deadline)
+        if name == "image" and send != "plain":
+            with tempfile.TemporaryDirectory(prefix="fleetbisect-image-") as tmp:
+                stats = host.put(disk_image.encode(path, send, Path(tmp), deadline), part, deadline=deadline)
+        else:
+            stats = host.put(path, part, deadline=deadline)
         host.run(["mv", "-f", part, posixpath.join(blobs, digest)], deadline=deadline.sub(60), check=True)
         present.add(digest)
         uploaded[name] = stats.bytes
 
     # Prune old blobs so a long run cannot fill the host's disk; never the ones just used.
     keep = sorted(set(digests.values()))
+    # Image blobs carry a suffix (`<sha256>.sparse`); they are counted apart.
     prune = (
-        f"cd {shlex.quote(blobs)} && ls -1t | tail -n +{KEEP_BLOBS + 1} | "
+        f"cd {shlex.quote(blobs)} && ls -1t | awk '/\\./ {{ if (++i > {KEEP_IMAGE_BLOBS}) print; next }} "
+        f"{{ if (++n > {KEEP_BLOBS}) print }}' | "
         "while read -r f; do case \" $* \" in *\" $f \"*) ;; *) rm -f -- \"$f\";; esac; done"
     )
     host.run(["sh", "-c", prune, "sh", *keep], deadline=deadline.sub(60))

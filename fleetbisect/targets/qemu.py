@@ -1,4 +1,6 @@
-"""`kind: qemu`: a VM started by the host over SSH, direct kernel boot.
+"""`kind: qemu`: a VM started by the host over SSH, direct kernel boot, or booting the build's
+disk image (converted onto WORK_DIR/disk.raw, or image.dest, by stages/image.py) with its own
+bootloader when there is no kernel artifact.
 
 `qemu_argv` is a pure function (tested without any host); `start_vm`/`stop_vm` are the only
 places that touch the VM, and they touch only the VM this tool started: its PID comes from our
@@ -17,6 +19,7 @@ from ..config.target import TargetConfig
 from ..deadline import Deadline
 from ..files import write_text_masked
 from ..remote.base import Remote
+from ..stages.image import deploy_image, probes as image_probes
 from .base import Check, Target, TargetStartFailed
 
 
@@ -49,8 +52,11 @@ def accel_args(accel: str) -> list[str]:
     return ["-accel", "kvm", "-accel", "tcg"]
 
 
-def qemu_argv(target, boot, *, kernel: str, initrd: str | None, paths: VMPaths) -> list[str]:
-    """The full QEMU command line: every word data, nothing for a shell to interpret."""
+def qemu_argv(target, boot, *, kernel: str | None, initrd: str | None, paths: VMPaths,
+              disk: tuple[str, str] | None = None) -> list[str]:
+    """The full QEMU command line: every word data, nothing for a shell to interpret. `disk`
+    (path, format): the deployed disk image, the guest's first virtio disk (writable: it is a
+    fresh copy each step). Without `kernel` the guest boots from it with its own bootloader."""
     guest = target.guest
     hostfwd = f"tcp:{guest.address}:{guest.port}-:22"
     argv = [
@@ -62,11 +68,14 @@ def qemu_argv(target, boot, *, kernel: str, initrd: str | None, paths: VMPaths) 
         "-display", "none", "-no-reboot",  # -nographic cannot be combined with -daemonize
         "-serial", f"file:{paths.console}",
         "-monitor", "none",
-        "-kernel", kernel,
     ]
-    if initrd:
-        argv += ["-initrd", initrd]
-    argv += ["-append", boot.cmdline]
+    if kernel:
+        argv += ["-kernel", kernel]
+        if initrd:
+            argv += ["-initrd", initrd]
+        argv += ["-append", boot.cmdline]
+    if disk:
+        argv += ["-drive", f"file={_drive_path(disk[0])},if=virtio,format={disk[1]}"]
     if boot.root:
         argv += ["-drive", f"file={boot.root},if=virtio,format=raw,snapshot=on"]
     argv += [
@@ -77,6 +86,11 @@ def qemu_argv(target, boot, *, kernel: str, initrd: str | None, paths: VMPaths) 
         "-daemonize", "-pidfile", paths.pidfile,
     ]
     return argv
+
+
+def _drive_path(path: str) -> str:
+    """A path inside QEMU's -drive option list: commas are doubled, as QEMU reads them."""
+    return path.replace(",", ",,")
 
 
 # Stop the VM named by our pidfile, only if that PID is still a QEMU using that very pidfile.
@@ -146,19 +160,30 @@ class Qemu(Target):
     def __init__(self, host_cfg, playbook):
         super().__init__(host_cfg, playbook)
         self.paths = VMPaths.under(host_cfg.work_dir)
+        self.disk: tuple[str, str] | None = None  # (path, format) of the deployed disk image
 
     def probes(self, host: Remote, deadline: Deadline) -> list[Check]:
         res = host.run(["sh", "-c", 'command -v "$1"', "sh", self.config.qemu], deadline=deadline)
-        if res.ok:
-            return [Check("qemu", True, res.stdout.strip())]
-        return [Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
+        checks = [Check("qemu", True, res.stdout.strip()) if res.ok else
+                  Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
+        if self.playbook.disk_image is not None:
+            checks += image_probes(host, self.playbook.disk_image, self.host_cfg.work_dir, deadline)
+        return checks
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
         return stop_vm(host, self.paths, deadline)
 
+    def deploy(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
+        spec = self.playbook.disk_image
+        if spec is not None:
+            self.disk = (deploy_image(host, artifacts["image"], spec, self.host_cfg.work_dir, deadline),
+                         spec.format)
+
     def start(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
-        argv = qemu_argv(self.config, self.playbook.boot, kernel=artifacts["kernel"],
-                         initrd=artifacts.get("initrd"), paths=self.paths)
+        if self.playbook.disk_image is not None and self.disk is None:
+            raise TargetStartFailed("the disk image was not deployed before the start")
+        argv = qemu_argv(self.config, self.playbook.boot, kernel=artifacts.get("kernel"),
+                         initrd=artifacts.get("initrd"), paths=self.paths, disk=self.disk)
         write_text_masked(step_dir / "commands.txt", describe(argv) + "\n")
         started = start_vm(host, argv, self.paths, deadline)
         if not started.ok:
