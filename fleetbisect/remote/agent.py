@@ -1,0 +1,515 @@
+"""A Remote over the QEMU guest agent (qemu-ga): commands and files without the guest's network.
+
+    transport = StreamTransport("lab/guest", relay_opener(host, "/srv/fb/vm/qga.sock"))
+    guest = AgentRemote.connect(transport, deadline=Deadline.after(5))   # sync + guest-ping
+    guest.run(["uname", "-r"], deadline=Deadline.after(10))
+
+Three layers, each replaceable:
+
+- a *transport* sends one JSON command and returns one JSON reply under a deadline
+  (`exchange`). `StreamTransport` speaks qemu-ga's wire protocol over a byte stream (the
+  agent's unix socket on the host, reached through a relay started over the host's SSH
+  connection: `relay_opener`); it resynchronises the stream itself with
+  `guest-sync-delimited` and a random id on connect and after any timeout. libvirt's
+  `virsh qemu-agent-command DOMAIN JSON` is the same shape (libvirt syncs for us): a second
+  transport is `host.run([... "qemu-agent-command", "--timeout", N, domain, json.dumps(req)])`
+  and `json.loads(stdout)`.
+- `Agent` turns replies into values or errors: guest-ping, guest-exec (captured output),
+  guest-exec-status polled under the deadline (never an unbounded wait), guest-file-*.
+- `AgentRemote` is the `Remote` protocol (run, put, put_stream, get, close) on top.
+
+Every wait is bounded by a Deadline; an agent that does not answer is a RemoteError
+(CommandTimedOut/TransferTimedOut for a command or transfer past its deadline): infrastructure
+or the guest's death, judged by the caller, never silently a verdict.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable, Protocol, Sequence
+
+from ..deadline import Deadline
+from .base import (
+    CommandTimedOut,
+    Progress,
+    RemoteCommandFailed,
+    RemoteError,
+    Result,
+    TransferStats,
+    TransferTimedOut,
+    bounded,
+    command_string,
+)
+
+log = logging.getLogger("fleetbisect.remote.agent")
+
+SENTINEL = b"\xff"  # qemu-ga's parser reset (sent) and response delimiter (received); never in UTF-8
+SYNC_RESEND = 0.25  # seconds between guest-sync-delimited requests while the agent is silent
+POLL_FIRST = 0.002  # guest-exec-status: first poll after this, then x1.5 each time...
+POLL_MAX = 0.1  # ...up to this
+FILE_CHUNK = 1 << 20  # bytes per guest-file-write / guest-file-read (qemu-ga reads up to 48 MB)
+RELAY_LIFETIME = 24 * 3600  # the relay on the host is bounded too; the transport reopens it
+
+
+class AgentError(RemoteError):
+    """The agent answered with an error (`{"error": {"class", "desc"}}`)."""
+
+    def __init__(self, host: str, command: str, error: dict):
+        self.command = command
+        self.error = error
+        super().__init__(host, f"guest agent: {command}: {error.get('desc') or error}")
+
+
+class AgentTimeout(RemoteError):
+    """The agent did not answer before the deadline."""
+
+
+# --- transports ---------------------------------------------------------------------------
+
+
+class AgentTransport(Protocol):
+    """Send one JSON command, get one JSON reply (`{"return": ...}` or `{"error": ...}`),
+    under a deadline. Raises AgentTimeout when no reply came in time, RemoteError for a dead
+    channel."""
+
+    name: str
+
+    def exchange(self, request: dict, deadline: Deadline) -> dict:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class Stream(Protocol):
+    """What a paramiko Channel and a socket both are."""
+
+    def settimeout(self, timeout: float | None) -> None: ...
+    def sendall(self, data: bytes) -> None: ...
+    def recv(self, n: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class StreamTransport:
+    """qemu-ga's protocol over a byte stream opened by `open_stream(deadline)`.
+
+    The stream is opened lazily and kept; it is resynchronised (guest-sync-delimited with a
+    fresh random id; replies before it are dropped) when opened and after any exchange that
+    timed out, whose late reply would otherwise be taken for the next one's. A stream that
+    ended between exchanges is reopened (the relay may have reached its lifetime); one that
+    ends during an exchange is a RemoteError, never a resend."""
+
+    def __init__(self, name: str, open_stream: Callable[[Deadline], Stream]):
+        self.name = name
+        self._open = open_stream
+        self._stream: Stream | None = None
+        self._buf = b""
+        self._synced = False
+
+    def exchange(self, request: dict, deadline: Deadline) -> dict:
+        """Never sent twice: a guest-exec whose reply was lost may have run."""
+        self._ensure_synced(deadline)
+        try:
+            self._send(json.dumps(request).encode() + b"\n", deadline)
+            return self._reply(deadline)
+        except EOFError as e:
+            self._drop()
+            raise RemoteError(self.name, f"guest agent channel closed: {e}") from None
+
+    def sync(self, deadline: Deadline) -> None:
+        """Open the stream if needed and bring it in step with the agent."""
+        self._synced = False
+        self._ensure_synced(deadline)
+
+    def _ensure_synced(self, deadline: Deadline) -> None:
+        if self._stream is not None and _ended(self._stream):
+            self._drop()  # the relay ended between exchanges (e.g. its lifetime): reopen it
+        if self._stream is not None and self._synced:
+            return
+        if self._stream is None:
+            self._buf = b""
+            try:
+                self._stream = self._open(deadline)
+            except RemoteError:
+                raise
+            except (OSError, EOFError) as e:
+                raise RemoteError(self.name, f"cannot reach the guest agent: {e}") from None
+        try:
+            self._sync(deadline)
+        except EOFError as e:
+            self._drop()
+            raise RemoteError(self.name, f"guest agent channel closed: {e}") from None
+        except AgentTimeout:
+            self._drop()  # what we queued must not reach an agent that wakes up later
+            raise
+
+    def _sync(self, deadline: Deadline) -> None:
+        """Send guest-sync-delimited (again every SYNC_RESEND while nothing answers: an agent
+        that starts late reads them all and answers each) until the newest id comes back."""
+        sent: list[int] = []
+        next_send = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_send:
+                sent.append(secrets.randbelow(1 << 31))
+                req = {"execute": "guest-sync-delimited", "arguments": {"id": sent[-1]}}
+                self._send(SENTINEL + json.dumps(req).encode() + b"\n", deadline)
+                next_send = now + SYNC_RESEND
+            line = self._line(Deadline(min(deadline.at, next_send), deadline.seconds), quiet=True)
+            if line is None:
+                if deadline.expired:
+                    raise AgentTimeout(self.name, f"guest agent did not answer within {deadline.seconds:.1f}s")
+                continue
+            reply = _parse(line)
+            if isinstance(reply, dict) and reply.get("return") in sent:
+                if reply["return"] == sent[-1]:
+                    self._synced = True
+                    return
+                next_send = float("inf")  # it is awake: the newest reply is on its way
+
+    def _send(self, data: bytes, deadline: Deadline) -> None:
+        assert self._stream is not None
+        try:
+            self._stream.settimeout(max(deadline.remaining(), 0.001))
+            self._stream.sendall(data)
+        except (TimeoutError, OSError) as e:
+            self._synced = False
+            if deadline.expired:
+                raise AgentTimeout(self.name, "guest agent: sending timed out") from None
+            raise EOFError(str(e)) from None
+
+    def _reply(self, deadline: Deadline) -> dict:
+        while True:
+            line = self._line(deadline)
+            if line is None:
+                self._synced = False  # its reply may still come: resync before the next one
+                raise AgentTimeout(self.name, f"guest agent did not answer within {deadline.seconds:.1f}s")
+            reply = _parse(line)
+            if isinstance(reply, dict) and ("return" in reply or "error" in reply):
+                return reply
+            log.debug("%s: ignoring agent output %r", self.name, line[:200])
+
+    def _line(self, deadline: Deadline, quiet: bool = False) -> bytes | None:
+        """The next newline-terminated message (after the last sentinel in it), or None at
+        the deadline. Raises EOFError when the stream ended."""
+        assert self._stream is not None
+        while b"\n" not in self._buf:
+            left = deadline.remaining()
+            if left <= 0:
+                return None
+            try:
+                self._stream.settimeout(left)
+                chunk = self._stream.recv(1 << 20)
+            except TimeoutError:
+                return None
+            except OSError as e:
+                raise EOFError(str(e)) from None
+            if not chunk:
+                raise EOFError(self._why_closed())
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.rpartition(SENTINEL)[2].strip()
+
+    def _why_closed(self) -> str:
+        """What the relay said on its way out (paramiko channels keep stderr apart)."""
+        stream = self._stream
+        text = ""
+        if stream is not None and hasattr(stream, "recv_stderr"):
+            try:
+                while stream.recv_stderr_ready():
+                    text += stream.recv_stderr(4096).decode(errors="replace")
+            except OSError:
+                pass
+        return text.strip()[-300:] or "end of stream"
+
+    def _drop(self) -> None:
+        stream, self._stream = self._stream, None
+        self._synced = False
+        self._buf = b""
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._drop()
+
+
+def _ended(stream) -> bool:
+    """A paramiko channel knows when its far end finished; a socket finds out on recv."""
+    return bool(getattr(stream, "closed", False) is True or getattr(stream, "eof_received", False))
+
+
+def _parse(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+# The relay on the host between the SSH channel and the agent's unix socket: socat when the
+# path is plain enough for socat's address syntax, else Python (both quoted as argv words).
+_RELAY_PY = r"""
+import os, select, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    sys.exit("relay: cannot connect to %s: %s" % (sys.argv[1], e))
+fds = [0, s.fileno()]
+while fds:
+    for fd in select.select(fds, [], [])[0]:
+        data = os.read(fd, 1 << 20) if fd == 0 else s.recv(1 << 20)
+        if not data:
+            if fd == 0:
+                s.shutdown(socket.SHUT_WR); fds.remove(0)
+            else:
+                sys.exit(0)
+        elif fd == 0:
+            s.sendall(data)
+        else:
+            os.write(1, data)
+"""
+_RELAY_SH = (
+    'if [ -n "$3" ] && command -v socat >/dev/null 2>&1; then exec socat - "UNIX-CONNECT:$1"; fi; '
+    'if command -v python3 >/dev/null 2>&1; then exec python3 -c "$2" "$1"; fi; '
+    'echo "relay: the host has neither socat nor python3 to reach the guest agent" >&2; exit 127'
+)
+_SOCAT_SAFE = re.compile(r"[A-Za-z0-9_./+-]+")
+
+
+def relay_argv(socket_path: str) -> list[str]:
+    """The host command that joins its stdin/stdout to the agent's unix socket."""
+    socat_ok = "1" if _SOCAT_SAFE.fullmatch(socket_path) else ""
+    return ["sh", "-c", _RELAY_SH, "sh", socket_path, _RELAY_PY, socat_ok]
+
+
+def relay_opener(host, socket_path: str, lifetime: float = RELAY_LIFETIME) -> Callable[[Deadline], Stream]:
+    """Open streams to the agent's unix socket on `host` (an SSHRemote): an exec channel on
+    the host's connection running `relay_argv`, bounded by `timeout` like every command."""
+    from .connect import left
+
+    def open_stream(deadline: Deadline) -> Stream:
+        import paramiko
+
+        transport = host.transport(deadline)
+        try:
+            chan = transport.open_session(timeout=left(deadline))
+            chan.settimeout(left(deadline))
+            chan.exec_command(bounded(relay_argv(socket_path), lifetime))
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise RemoteError(host.name, f"cannot start the guest agent relay: {e}") from None
+        return chan
+
+    return open_stream
+
+
+def unix_opener(socket_path: str) -> Callable[[Deadline], Stream]:
+    """Streams to an agent socket on this machine (tests, a controller that is the host)."""
+    import socket
+
+    def open_stream(deadline: Deadline) -> Stream:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(max(deadline.remaining(), 0.001))
+        s.connect(socket_path)
+        return s
+
+    return open_stream
+
+
+# --- the protocol -------------------------------------------------------------------------
+
+
+class Agent:
+    """qemu-ga's commands as Python calls, over any transport."""
+
+    def __init__(self, transport: AgentTransport):
+        self.transport = transport
+        self.name = transport.name
+
+    def call(self, execute: str, deadline: Deadline, **arguments):
+        req: dict = {"execute": execute}
+        if arguments:
+            req["arguments"] = arguments
+        reply = self.transport.exchange(req, deadline)
+        if "error" in reply:
+            raise AgentError(self.name, execute, reply["error"] or {})
+        return reply.get("return")
+
+    def ping(self, deadline: Deadline) -> None:
+        self.call("guest-ping", deadline)
+
+    def exec(self, path: str, args: Sequence[str], deadline: Deadline, stdin: bytes | None = None) -> int:
+        arguments: dict = {"path": path, "arg": list(args), "capture-output": True}
+        if stdin:
+            arguments["input-data"] = base64.b64encode(stdin).decode()
+        return int(self.call("guest-exec", deadline, **arguments)["pid"])
+
+    def wait(self, pid: int, deadline: Deadline) -> dict | None:
+        """guest-exec-status polled until the process exited; None at the deadline."""
+        pause = POLL_FIRST
+        while True:
+            status = self.call("guest-exec-status", deadline, pid=pid)
+            if status.get("exited"):
+                return status
+            if deadline.remaining() <= pause:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 1.5, POLL_MAX)
+
+    def open(self, path: str, mode: str, deadline: Deadline) -> int:
+        return int(self.call("guest-file-open", deadline, path=path, mode=mode))
+
+    def write(self, handle: int, data: bytes, deadline: Deadline) -> int:
+        ret = self.call("guest-file-write", deadline, handle=handle, **{"buf-b64": base64.b64encode(data).decode()})
+        return int(ret["count"])
+
+    def read(self, handle: int, count: int, deadline: Deadline) -> tuple[bytes, bool]:
+        ret = self.call("guest-file-read", deadline, handle=handle, count=count)
+        return base64.b64decode(ret.get("buf-b64", "")), bool(ret.get("eof"))
+
+    def close_file(self, handle: int, deadline: Deadline) -> None:
+        self.call("guest-file-close", deadline, handle=handle)
+
+
+def _decoded(status: dict, key: str) -> str:
+    return base64.b64decode(status.get(key, "")).decode("utf-8", errors="replace")
+
+
+# --- the Remote -----------------------------------------------------------------------------
+
+
+class AgentRemote:
+    """A Remote in the guest through its agent. Commands run as `SHELL -c CMD` wrapped in
+    `timeout -k` (base.bounded), so a command past its deadline is stopped in the guest too.
+    qemu-ga returns a command's output only once it exited (and keeps at most 16 MB of it),
+    so a timed-out command has no partial output. Files move with guest-file-* in FILE_CHUNK
+    pieces (base64 in JSON: much slower than SSH, fine for reproducers' inputs)."""
+
+    def __init__(self, transport: AgentTransport, *, shell: str = "/bin/sh"):
+        self.name = transport.name
+        self.agent = Agent(transport)
+        self.shell = shell
+
+    @classmethod
+    def connect(cls, transport: AgentTransport, *, deadline: Deadline, shell: str = "/bin/sh") -> "AgentRemote":
+        """Reach the agent (sync, then guest-ping) within `deadline`; RemoteError otherwise."""
+        remote = cls(transport, shell=shell)
+        try:
+            sync = getattr(transport, "sync", None)
+            if sync is not None:
+                sync(deadline)
+            remote.agent.ping(deadline)
+        except RemoteError:
+            transport.close()
+            raise
+        return remote
+
+    def run(self, command: str | Sequence[str], *, deadline: Deadline, check: bool = False,
+            stdin: bytes | None = None) -> Result:
+        cmd = command_string(command)
+        started = time.monotonic()
+        if deadline.expired:
+            raise CommandTimedOut(self.name, cmd, deadline.seconds)
+        try:
+            pid = self.agent.exec(self.shell, ["-c", bounded(cmd, deadline.remaining())], deadline, stdin)
+            status = self.agent.wait(pid, deadline)
+        except AgentTimeout:
+            raise CommandTimedOut(self.name, cmd, deadline.seconds) from None
+        if status is None:
+            raise CommandTimedOut(self.name, cmd, deadline.seconds)
+        if "exitcode" in status:
+            code = int(status["exitcode"])
+        else:  # killed by a signal: as a shell reports it
+            code = 128 + int(status.get("signal", 0))
+        result = Result(cmd, code, _decoded(status, "out-data"), _decoded(status, "err-data"),
+                        time.monotonic() - started)
+        if status.get("out-truncated") or status.get("err-truncated"):
+            log.warning("%s: the agent truncated the output of `%s`", self.name, cmd)
+        if check and not result.ok:
+            raise RemoteCommandFailed(self.name, result)
+        return result
+
+    def put(self, local: Path, remote_path: str, *, deadline: Deadline,
+            progress: Progress | None = None) -> TransferStats:
+        with open(local, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            return self.put_stream(src, size, remote_path, deadline=deadline, progress=progress)
+
+    def put_stream(self, source: BinaryIO, size: int, remote_path: str, *, deadline: Deadline,
+                   progress: Progress | None = None) -> TransferStats:
+        started = time.monotonic()
+        done = 0
+        try:
+            handle = self.agent.open(remote_path, "w", deadline)
+            try:
+                while done < size:
+                    data = source.read(min(FILE_CHUNK, size - done))
+                    if not data:
+                        raise ValueError(f"source ended after {done} of {size} bytes")
+                    view = memoryview(data)
+                    while view:
+                        n = self.agent.write(handle, bytes(view), deadline)
+                        if n <= 0:
+                            raise RemoteError(self.name, f"upload to {remote_path}: the agent wrote nothing")
+                        view = view[n:]
+                        done += n
+                    if progress:
+                        progress(done)
+            finally:
+                self._close_quietly(handle, deadline)
+        except AgentTimeout:
+            raise TransferTimedOut(self.name, remote_path, deadline.seconds, done) from None
+        return TransferStats(remote_path, done, time.monotonic() - started)
+
+    def get(self, remote_path: str, local: Path, *, deadline: Deadline) -> TransferStats:
+        started = time.monotonic()
+        local = Path(local)
+        part = local.with_name(local.name + ".part")
+        done = 0
+        try:
+            handle = self.agent.open(remote_path, "r", deadline)
+            try:
+                with open(part, "wb") as out:
+                    while True:
+                        data, eof = self.agent.read(handle, FILE_CHUNK, deadline)
+                        out.write(data)
+                        done += len(data)
+                        if eof or not data:
+                            break
+            finally:
+                self._close_quietly(handle, deadline)
+            os.replace(part, local)
+        except AgentTimeout:
+            part.unlink(missing_ok=True)
+            raise TransferTimedOut(self.name, remote_path, deadline.seconds, done) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return TransferStats(remote_path, done, time.monotonic() - started)
+
+    def _close_quietly(self, handle: int, deadline: Deadline) -> None:
+        try:
+            self.agent.close_file(handle, Deadline(max(deadline.at, time.monotonic() + 2), 2))
+        except RemoteError as e:
+            log.debug("%s: could not close agent file handle %d: %s", self.name, handle, e)
+
+    def close(self) -> None:
+        self.agent.transport.close()
+
+    def __enter__(self) -> "AgentRemote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AgentRemote({self.name!r})"
