@@ -255,6 +255,41 @@ def _parse(line: bytes):
         return None
 
 
+class VirshTransport:
+    """libvirt's way to the agent: `virsh qemu-agent-command` on the host, one process per
+    exchange (libvirt owns the socket and syncs the stream itself). Not yet wired to a target:
+    a libvirt target's login() builds `AgentRemote.connect(VirshTransport(host, domain), ...)`."""
+
+    NOT_YET = ("not responding", "not connected", "not available", "not synced")
+
+    def __init__(self, host, domain: str, *, uri: str = "qemu:///system", name: str | None = None):
+        self.host = host
+        self.domain = domain
+        self.uri = uri
+        self.name = name or f"{host.name}/{domain}"
+
+    def exchange(self, request: dict, deadline: Deadline) -> dict:
+        agent_timeout = max(1, int(deadline.remaining()))
+        argv = ["virsh", "-c", self.uri, "qemu-agent-command", "--timeout", str(agent_timeout),
+                self.domain, json.dumps(request)]
+        try:
+            res = self.host.run(argv, deadline=Deadline(deadline.at + 5, deadline.seconds + 5))
+        except CommandTimedOut:
+            raise AgentTimeout(self.name, f"guest agent did not answer within {deadline.seconds:.1f}s") from None
+        if not res.ok:
+            text = (res.stderr or res.stdout).strip()
+            if any(s in text for s in self.NOT_YET):
+                raise AgentTimeout(self.name, f"guest agent: {text[-300:]}")
+            return {"error": {"class": "VirshError", "desc": text[-500:]}}
+        reply = _parse(res.stdout.strip().encode())
+        if not isinstance(reply, dict) or not ("return" in reply or "error" in reply):
+            raise RemoteError(self.name, f"virsh qemu-agent-command answered {res.stdout.strip()[:200]!r}")
+        return reply
+
+    def close(self) -> None:
+        pass
+
+
 # The relay on the host between the SSH channel and the agent's unix socket: socat when the
 # path is plain enough for socat's address syntax, else Python (both quoted as argv words).
 _RELAY_PY = r"""

@@ -18,7 +18,7 @@ from fleetbisect.remote.agent import (
     StreamTransport,
     relay_argv,
 )
-from fleetbisect.remote.base import CommandTimedOut, RemoteError
+from fleetbisect.remote.base import CommandTimedOut, RemoteError, Result
 
 
 def b64(text: str | bytes) -> str:
@@ -268,3 +268,28 @@ def test_the_relay_quotes_the_socket_path_and_uses_socat_only_for_plain_paths():
     assert argv[:2] == ["sh", "-c"] and argv[3:5] == ["sh", "/srv/fb/vm/qga.sock"] and argv[-1] == "1"
     odd = relay_argv("/srv/f b,x:y/vm/qga.sock")  # socat would split its address at , and :
     assert odd[4] == "/srv/f b,x:y/vm/qga.sock" and odd[-1] == ""
+
+
+def test_the_virsh_transport_is_one_quoted_command_per_exchange():
+    import re
+
+    from fleetbisect.remote.agent import VirshTransport
+    from fleetbisect.remote.fake import FakeRemote
+
+    host = FakeRemote("vmhost")
+    host.on(re.compile(r"guest-ping"), [Result("", 1, "", "error: Guest agent is not responding: timeout", 0.0),
+                                        Result("", 0, '{"return":{}}\n', "", 0.0)])
+    host.on(re.compile(r'"guest-exec"'), stdout='{"return":{"pid":7}}')
+    host.on(re.compile(r"guest-exec-status"),
+            stdout=json.dumps({"return": {"exited": True, "exitcode": 0, "out-data": b64("6.1.0\n")}}))
+    transport = VirshTransport(host, "repro vm")
+    with pytest.raises(AgentTimeout):  # not up yet: readiness keeps polling
+        AgentRemote.connect(transport, deadline=Deadline.after(5))
+    guest = AgentRemote.connect(transport, deadline=Deadline.after(5))
+    assert guest.run(["uname", "-r"], deadline=Deadline.after(5)).stdout == "6.1.0\n"
+    cmd = host.calls[-1].command
+    assert cmd.startswith("virsh -c qemu:///system qemu-agent-command --timeout ")
+    assert "'repro vm' '{\"execute\": \"guest-exec-status\"" in cmd  # every word quoted
+    host.on(re.compile(r"guest-file-open"), exit_status=1, stderr="error: internal error: No such file")
+    with pytest.raises(AgentError, match="No such file"):
+        guest.agent.open("/nope", "r", Deadline.after(5))
