@@ -92,7 +92,9 @@ def wait_ready(
             raise BootFailed(f"guest did not answer {reached_by} within {deadline.seconds:.0f}s")
         if now >= next_alive:
             next_alive = now + alive_every
-            if not alive(deadline.sub(15)):
+            # its own deadline: near the end of the boot's, a sub-deadline would leave the check
+            # milliseconds and turn a guest that never answered into an infra-error
+            if not alive(Deadline.after(15)):
                 raise BootFailed(f"QEMU exited before the guest answered {reached_by}")
         time.sleep(POLL)
 
