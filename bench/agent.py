@@ -114,7 +114,11 @@ def main() -> int:
                 def wait(name, connect):
                     ready[name] = first_answer(connect, Deadline.after(120))
 
-                ssh_connect = lambda d: target.login(host, d)  # noqa: E731 - reach: ssh (the default)
+                def ssh_connect(d):  # as a step waits: a banner probe, then the login
+                    if not target.probe(host):
+                        raise RemoteError("bench/guest", "no SSH banner yet")
+                    return target.login(host, d)
+
                 agent_connect = lambda d: AgentRemote.connect(  # noqa: E731
                     StreamTransport("bench/guest", relay_opener(host, target.paths.agent_socket)),
                     deadline=d.sub(2))
