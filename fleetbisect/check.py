@@ -94,7 +94,7 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
                 probes.append(Probe(name, status == "ok", detail))
             for c in targets.for_host(host_cfg, playbook).probes(host, Deadline.after(60)):
                 probes.append(Probe(c.name, c.ok, c.detail))
-            if not playbook.console_only:
+            if not playbook.console_only and host_cfg.target.guest.reach == "ssh":
                 probes += probe_guest_path(host, host_cfg, playbook)
     except FleetbisectError as e:
         probes.append(Probe("ssh", False, str(e)))

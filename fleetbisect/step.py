@@ -244,6 +244,7 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
                     guest, waited = wait_ready(
                         lambda d: target.alive(host, d), lambda: target.probe(host),
                         lambda d: target.login(host, d), Deadline.after(playbook.boot.timeout),
+                        reached_by=target.reached_by,
                     )
                 except BootFailed as e:
                     return [Outcome(OutcomeKind.BOOT_FAILED, e.summary, {}, ("console.log",))]

@@ -12,27 +12,49 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..remote.base import SSHParams
-from .loader import Int, Strict
+from .loader import Int, Strict, StrictBool
 
 
 class Guest(Strict):
-    """How the controller reaches the VM's sshd once it boots.
+    """How the controller reaches the VM once it boots.
 
-    `via: direct` connects to address:port from the controller (the port QEMU forwards, or a
-    bridged guest address); `via: host` tunnels through the host's SSH connection
-    (direct-tcpip), for guests only the host can see. The guest is recreated every step, so
-    its host key is fixed in the image (`host_key`: a .pub file or the key line) and checked.
+    `reach: ssh` (the default) logs in to the guest's sshd: `via: direct` connects to
+    address:port from the controller (the port QEMU forwards, or a bridged guest address);
+    `via: host` tunnels through the host's SSH connection (direct-tcpip), for guests only the
+    host can see. The guest is recreated every step, so its host key is fixed in the image
+    (`host_key`: a .pub file or the key line) and checked.
+
+    `reach: agent` goes through the QEMU guest agent (qemu-ga on a virtio-serial port) instead:
+    readiness, the kernel check and the reproducers need no network in the guest, which is how
+    a regression in the network stack itself is bisected. `port` and `host_key` are then
+    optional. `agent: true` gives the VM the agent's channel while the guest is still reached
+    by SSH.
     """
 
+    reach: Literal["ssh", "agent"] = "ssh"  # first: the fields below are checked against it
+    agent: StrictBool = False
     address: str = "127.0.0.1"
-    port: int = Int(1, 65535)
+    port: int | None = Int(1, 65535, default=None, validate_default=True)
     via: Literal["direct", "host"] = "host"
     user: str = "root"
     key: str | None = None
-    host_key: str
+    host_key: str | None = Field(None, validate_default=True)
+
+    @property
+    def has_agent(self) -> bool:
+        """The VM gets the guest agent's virtio-serial channel."""
+        return self.agent or self.reach == "agent"
+
+    @field_validator("port", "host_key")
+    @classmethod
+    def _ssh_needs(cls, v, info: ValidationInfo):
+        if v is None and info.data.get("reach", "ssh") == "ssh":
+            raise ValueError("required when the guest is reached by SSH (reach: ssh, the default); "
+                             "with reach: agent it may be left out")
+        return v
 
     @field_validator("key")
     @classmethod
@@ -41,7 +63,9 @@ class Guest(Strict):
 
     @field_validator("host_key")
     @classmethod
-    def _key_line_or_file(cls, v: str) -> str:
+    def _key_line_or_file(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         v = v.strip()
         if not v.startswith(("ssh-", "ecdsa-", "sk-")):
             path = Path(os.path.expanduser(v))
@@ -95,6 +119,6 @@ class TargetConfig(Strict):
             port=g.port,
             user=g.user,
             key_files=(os.path.expanduser(g.key),) if g.key else (),
-            host_keys=(g.host_key,),
+            host_keys=(g.host_key,) if g.host_key else (),
             connect_timeout=10.0,
         )

@@ -37,7 +37,7 @@ from ..errors import InfraError
 from ..initramfs import MOUNTS, add_binary, add_busybox
 from .cpio import CpioWriter
 
-RECIPE = "lab-v2"  # bump when the image's contents change: a new cache directory is built
+RECIPE = "lab-v3"  # bump when the image's contents change: a new cache directory is built
 META_PACKAGE = "linux-image-cloud-amd64"
 # virtio is modules-only in Debian's kernels; this order satisfies their dependencies.
 MODULES = (
@@ -50,6 +50,7 @@ MODULES = (
     "drivers/virtio/virtio_pci.ko",
     "drivers/net/virtio_net.ko",
     "drivers/char/hw_random/virtio-rng.ko",  # without an RNG, dropbear waits seconds for entropy
+    "drivers/char/virtio_console.ko",  # virtio-serial ports: the guest agent's channel (lab/agent.py)
 )
 GUEST_USER = "root"
 

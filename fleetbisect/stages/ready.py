@@ -71,6 +71,7 @@ def wait_ready(
     connect,  # callable(deadline) -> Remote: the real login to the guest
     deadline: Deadline,
     alive_every: float = 1.0,
+    reached_by: str = "SSH",
 ) -> tuple[Remote, float]:
     """Poll until the guest's sshd answers, then log in. Returns (guest, seconds waited).
 
@@ -88,11 +89,13 @@ def wait_ready(
                 pass
         now = time.monotonic()
         if deadline.expired:
-            raise BootFailed(f"guest did not answer SSH within {deadline.seconds:.0f}s")
+            raise BootFailed(f"guest did not answer {reached_by} within {deadline.seconds:.0f}s")
         if now >= next_alive:
             next_alive = now + alive_every
-            if not alive(deadline.sub(15)):
-                raise BootFailed("QEMU exited before the guest answered SSH")
+            # its own deadline: near the end of the boot's, a sub-deadline would leave the check
+            # milliseconds and turn a guest that never answered into an infra-error
+            if not alive(Deadline.after(15)):
+                raise BootFailed(f"QEMU exited before the guest answered {reached_by}")
         time.sleep(POLL)
 
 

@@ -88,6 +88,11 @@ class Target(ABC):
         g = self.config.guest
         return GuestEndpoint(g.address, g.port, host if g.via == "host" else None)
 
+    @property
+    def reached_by(self) -> str:
+        """How login() reaches the guest, for messages ("SSH", "the guest agent")."""
+        return "SSH"
+
     def guest_params(self) -> SSHParams:
         return self.config.guest_ssh_params(self.host_cfg.name)
 

@@ -18,6 +18,7 @@ from typing import Literal, Mapping
 from ..config.target import TargetConfig
 from ..deadline import Deadline
 from ..files import write_text_masked
+from ..remote.agent import AgentRemote, StreamTransport, relay_opener
 from ..remote.base import Remote
 from ..stages.image import deploy_image, probes as image_probes
 from .base import Check, Target, TargetStartFailed
@@ -41,6 +42,30 @@ class VMPaths:
     def console(self) -> str:
         return posixpath.join(self.dir, "console.log")
 
+    @property
+    def agent_socket(self) -> str:
+        """The guest agent's unix socket (QEMU listens on it; the agent relay connects)."""
+        return posixpath.join(self.dir, "qga.sock")
+
+
+# A unix socket's path must fit sockaddr_un.sun_path (108 bytes with its NUL on Linux).
+UNIX_PATH_MAX = 107
+
+
+def qemu_opt(value: str) -> str:
+    """A value inside a QEMU `-chardev`/`-device` option list: a comma is written twice."""
+    return value.replace(",", ",,")
+
+
+def agent_args(paths: VMPaths) -> list[str]:
+    """The guest agent's channel: a virtio-serial port named as qemu-ga expects, backed by a
+    unix socket on the host that QEMU listens on (wait=off: boot does not wait for a client)."""
+    return [
+        "-chardev", f"socket,path={qemu_opt(paths.agent_socket)},server=on,wait=off,id=qga0",
+        "-device", "virtio-serial-pci",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]
+
 
 def accel_args(accel: str) -> list[str]:
     if accel == "tcg":
@@ -58,7 +83,6 @@ def qemu_argv(target, boot, *, kernel: str | None, initrd: str | None, paths: VM
     (path, format): the deployed disk image, the guest's first virtio disk (writable: it is a
     fresh copy each step). Without `kernel` the guest boots from it with its own bootloader."""
     guest = target.guest
-    hostfwd = f"tcp:{guest.address}:{guest.port}-:22"
     argv = [
         target.qemu,
         "-machine", target.machine,
@@ -78,10 +102,12 @@ def qemu_argv(target, boot, *, kernel: str | None, initrd: str | None, paths: VM
         argv += ["-drive", f"file={_drive_path(disk[0])},if=virtio,format={disk[1]}"]
     if boot.root:
         argv += ["-drive", f"file={boot.root},if=virtio,format=raw,snapshot=on"]
+    netdev = "user,id=n0" + (f",hostfwd=tcp:{guest.address}:{guest.port}-:22" if guest.port else "")
     argv += [
-        "-netdev", f"user,id=n0,hostfwd={hostfwd}",
+        "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=n0,romfile=",
         "-device", "virtio-rng-pci",
+        *(agent_args(paths) if guest.has_agent else []),
         *boot.qemu_args,
         "-daemonize", "-pidfile", paths.pidfile,
     ]
@@ -150,6 +176,9 @@ _WAIT_EXIT = 'p=$(cat "$1" 2>/dev/null) || exit 0; end=$(( $(date +%s) + $2 )); 
              'while kill -0 "$p" 2>/dev/null; do [ "$(date +%s)" -ge "$end" ] && exit 1; sleep 0.2; done; exit 0'
 
 
+AGENT_ATTEMPT = 2.0  # seconds one readiness attempt waits for the agent's answer
+
+
 class Qemu(Target):
     """`kind: qemu`: a QEMU the host starts over SSH for each step, direct kernel boot, user-mode
     networking forwarding the guest's sshd to `guest.port`. Its files live in WORK_DIR/vm."""
@@ -162,13 +191,30 @@ class Qemu(Target):
         self.paths = VMPaths.under(host_cfg.work_dir)
         self.disk: tuple[str, str] | None = None  # (path, format) of the deployed disk image
 
+    @property
+    def reached_by(self) -> str:
+        return "the guest agent" if self.config.guest.reach == "agent" else "SSH"
+
     def probes(self, host: Remote, deadline: Deadline) -> list[Check]:
         res = host.run(["sh", "-c", 'command -v "$1"', "sh", self.config.qemu], deadline=deadline)
         checks = [Check("qemu", True, res.stdout.strip()) if res.ok else
                   Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
         if self.playbook.disk_image is not None:
             checks += image_probes(host, self.playbook.disk_image, self.host_cfg.work_dir, deadline)
+        if self.config.guest.has_agent:
+            checks.append(self._agent_probe(host, deadline))
         return checks
+
+    def _agent_probe(self, host: Remote, deadline: Deadline) -> Check:
+        sock = self.paths.agent_socket
+        if len(sock.encode()) > UNIX_PATH_MAX:
+            return Check("guest agent", False, f"the agent socket {sock} is longer than a unix socket "
+                         f"path may be ({UNIX_PATH_MAX} bytes): use a shorter work_dir")
+        res = host.run(["sh", "-c", "command -v socat || command -v python3"], deadline=deadline)
+        if not res.ok:
+            return Check("guest agent", False, "the host has neither socat nor python3 to relay to the "
+                         "guest agent's socket")
+        return Check("guest agent", True, f"relay {res.stdout.split()[0]} to {sock}")
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
         return stop_vm(host, self.paths, deadline)
@@ -192,6 +238,21 @@ class Qemu(Target):
 
     def alive(self, host: Remote, deadline: Deadline) -> bool:
         return vm_alive(host, self.paths, deadline)
+
+    def probe(self, host: Remote) -> bool:
+        if self.config.guest.reach == "agent":
+            return True  # the login attempt is the probe: a guest-sync qemu-ga answers
+        return super().probe(host)
+
+    def login(self, host: Remote, deadline: Deadline) -> Remote:
+        """SSH by default; with `reach: agent` the guest agent, through a relay on the host
+        to QEMU's socket. One attempt is short, so that waiting for the guest still notices
+        a QEMU that exited."""
+        if self.config.guest.reach != "agent":
+            return super().login(host, deadline)
+        transport = StreamTransport(f"{self.host_cfg.name}/guest",
+                                    relay_opener(host, self.paths.agent_socket))
+        return AgentRemote.connect(transport, deadline=deadline.sub(AGENT_ATTEMPT))
 
     def wait_off(self, host: Remote, seconds: float) -> bool:
         res = host.run(["sh", "-c", _WAIT_EXIT, "sh", self.paths.pidfile, str(int(seconds) + 1)],

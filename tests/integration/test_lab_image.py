@@ -81,9 +81,23 @@ def test_base_initramfs_holds_what_the_guest_needs(assets):
                  "root/.ssh/authorized_keys", "etc/fleetbisect/init.d"):
         assert name in names, name
     modules = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("lib/modules/fleetbisect/"))
-    assert "virtio_net.ko" in modules and "virtio-rng.ko" in modules and len(modules) == 9
+    assert "virtio_net.ko" in modules and "virtio-rng.ko" in modules and len(modules) == 10
+    assert "virtio_console.ko" in modules  # the guest agent's virtio-serial port (lab/agent.py)
     assert any(re.fullmatch(r"lib(64)?/ld-linux-x86-64\.so\.2|lib/x86_64-linux-gnu/ld-linux-x86-64\.so\.2", n)
                for n in names), "the dynamic loader"
+
+
+def test_the_agent_overlay_holds_qemu_ga_its_libraries_and_its_hook(assets):
+    from fleetbisect.initramfs import shared_libs
+    from fleetbisect.lab.agent import HOOK, ensure_agent_overlay, qemu_ga
+
+    overlay = ensure_agent_overlay(assets)
+    assert ensure_agent_overlay(assets) == overlay  # built once
+    names = set(cpio_list(overlay.read_bytes()))
+    assert "usr/sbin/qemu-ga" in names and "etc/fleetbisect/init.d/10-qemu-ga" in names
+    for lib in shared_libs(qemu_ga()):
+        assert str(lib).lstrip("/") in names, lib
+    assert "-m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0" in HOOK
 
 
 def test_missing_package_lists_are_a_clear_error(tmp_path, monkeypatch):

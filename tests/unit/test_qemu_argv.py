@@ -3,8 +3,8 @@ from types import SimpleNamespace
 from fleetbisect.targets.qemu import VMPaths, accel_args, qemu_argv
 
 
-def make(accel="tcg", root=None, qemu_args=()):
-    guest = SimpleNamespace(address="127.0.0.1", port=10022)
+def make(accel="tcg", root=None, qemu_args=(), has_agent=False, port=10022):
+    guest = SimpleNamespace(address="127.0.0.1", port=port, has_agent=has_agent)
     target = SimpleNamespace(qemu="qemu-system-x86_64", machine="q35", accel=accel, guest=guest)
     boot = SimpleNamespace(memory=512, cpus=2, cmdline="console=ttyS0 panic=-1", root=root,
                            qemu_args=list(qemu_args))
@@ -33,6 +33,20 @@ def test_optional_parts():
     assert "-initrd" not in argv
     assert "file=/img/root.raw,if=virtio,format=raw,snapshot=on" in argv
     assert argv[-5:-3] == ["-cpu", "max"]
+
+
+def test_the_guest_agent_channel_only_when_asked():
+    target, boot = make()
+    assert not any("virtserialport" in a or "qga" in a for a in qemu_argv(target, boot, kernel="k", initrd=None,
+                                                                          paths=VMPaths("/w/vm")))
+    target, boot = make(has_agent=True, port=None, qemu_args=["-cpu", "max"])
+    argv = qemu_argv(target, boot, kernel="k", initrd=None, paths=VMPaths("/w,x/vm"))
+    # QEMU's option syntax: a comma in a value is written twice, or it starts a new option.
+    assert argv[argv.index("-chardev") + 1] == "socket,path=/w,,x/vm/qga.sock,server=on,wait=off,id=qga0"
+    assert argv[argv.index("virtio-serial-pci") - 1] == "-device"
+    assert "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0" in argv
+    assert "user,id=n0" in argv  # no port: nothing forwarded, the guest still has its network
+    assert argv[-5:-3] == ["-cpu", "max"]  # the playbook's own arguments still come last
 
 
 def test_accel():
