@@ -16,8 +16,10 @@ from typing import Literal, Mapping
 from ..config.target import TargetConfig
 from ..deadline import Deadline
 from ..files import write_text_masked
-from ..remote.base import Remote
+from ..remote.base import Remote, RemoteCommandFailed
+from . import virtiofs
 from .base import Check, Target, TargetStartFailed
+from .passthrough import Passthrough, vfio_args
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,11 @@ def qemu_argv(target, boot, *, kernel: str, initrd: str | None, paths: VMPaths) 
         "-netdev", f"user,id=n0,hostfwd={hostfwd}",
         "-device", "virtio-net-pci,netdev=n0,romfile=",
         "-device", "virtio-rng-pci",
-        *boot.qemu_args,
-        "-daemonize", "-pidfile", paths.pidfile,
     ]
+    argv += vfio_args(getattr(target, "pci", []))
+    if getattr(target, "virtiofs", None):
+        argv += virtiofs.qemu_args(target.virtiofs, virtiofs.socket_path(paths.dir), boot.memory)
+    argv += [*boot.qemu_args, "-daemonize", "-pidfile", paths.pidfile]
     return argv
 
 
@@ -146,20 +150,43 @@ class Qemu(Target):
     def __init__(self, host_cfg, playbook):
         super().__init__(host_cfg, playbook)
         self.paths = VMPaths.under(host_cfg.work_dir)
+        self.passthrough = Passthrough(self.config.pci, host_cfg.work_dir)
 
     def probes(self, host: Remote, deadline: Deadline) -> list[Check]:
         res = host.run(["sh", "-c", 'command -v "$1"', "sh", self.config.qemu], deadline=deadline)
         if res.ok:
-            return [Check("qemu", True, res.stdout.strip())]
-        return [Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
+            checks = [Check("qemu", True, res.stdout.strip())]
+        else:
+            checks = [Check("qemu", False, f"{self.config.qemu} not found in PATH on the host")]
+        checks += self.passthrough.probes(host, deadline, self.playbook.boot.memory)
+        if self.config.virtiofs:
+            checks += virtiofs.probes(host, self.config.virtiofs, deadline)
+        return checks
+
+    def restore(self, host: Remote, deadline: Deadline) -> str:
+        """PCI devices back to the drivers they had (from the host's record: this run's, or a
+        crashed one's); nothing when none was recorded."""
+        return self.passthrough.restore(host, deadline)
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
-        return stop_vm(host, self.paths, deadline)
+        done = stop_vm(host, self.paths, deadline)
+        if self.config.virtiofs:
+            done = " ".join(filter(None, [done, virtiofs.stop_virtiofsd(host, self.paths.dir, deadline)]))
+        return done
 
     def start(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
         argv = qemu_argv(self.config, self.playbook.boot, kernel=artifacts["kernel"],
                          initrd=artifacts.get("initrd"), paths=self.paths)
-        write_text_masked(step_dir / "commands.txt", describe(argv) + "\n")
+        commands = []
+        if self.config.pci:  # the groups go to vfio-pci (once a run; the record is kept on the host)
+            try:
+                self.passthrough.bind(host, deadline.sub(60))
+            except RemoteCommandFailed as e:
+                raise TargetStartFailed(f"PCI passthrough: {e.result.stderr.strip()[-300:]}") from None
+        if self.config.virtiofs:
+            commands.append(describe(virtiofs.start_virtiofsd(host, self.config.virtiofs, self.paths.dir,
+                                                              deadline.sub(30))))
+        write_text_masked(step_dir / "commands.txt", "".join(c + "\n" for c in [*commands, describe(argv)]))
         started = start_vm(host, argv, self.paths, deadline)
         if not started.ok:
             raise TargetStartFailed(

@@ -361,3 +361,59 @@ def test_a_pci_address_listed_twice_is_refused(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_inventory([path])
     assert "0000:00:14.3 listed twice" in e.value.problems[0]
+
+
+# --- through the qemu target --------------------------------------------------------------
+
+
+def qemu_target(fake, tmp_path, pci):
+    from types import SimpleNamespace
+
+    from fleetbisect.targets.qemu import Qemu, QemuConfig
+
+    cfg = QemuConfig(kind="qemu", qemu="true", accel="tcg", guest={"port": 10022, "host_key": KEY}, pci=pci)
+    host_cfg = SimpleNamespace(name="box", target=cfg, work_dir=str(fake.root.parent / "work"))
+    boot = SimpleNamespace(memory=512, cpus=1, cmdline="console=ttyS0", root=None, qemu_args=[])
+    target = Qemu(host_cfg, SimpleNamespace(boot=boot))
+    target.passthrough = passthrough(fake, *pci)  # the same, on the fake sysfs
+    return target
+
+
+def test_the_qemu_target_checks_binds_before_it_starts_and_restores(host, tmp_path):
+    before = host.snapshot()
+    target = qemu_target(host, tmp_path, [WIFI])
+    names = {c.name: c.ok for c in target.probes(remote(host), Deadline.after(60))}
+    assert names[f"pci {WIFI}"] and names["vfio-pci"] and "memlock" in names
+    step_dir = tmp_path / "step"
+    step_dir.mkdir()
+    target.start(remote(host), {"kernel": "/b/bzImage"}, step_dir, Deadline.after(60))  # QEMU: `true`
+    assert host.driver_of(WIFI) == "vfio-pci" and host.driver_of(AUDIO) == "vfio-pci"
+    assert "-device vfio-pci,host=0000:02:00.0 " in (step_dir / "commands.txt").read_text()
+    assert target.restore(remote(host), Deadline.after(60))
+    assert host.snapshot() == before
+
+
+def test_a_group_that_will_not_bind_is_a_start_failure_not_a_verdict(host, tmp_path):
+    from fleetbisect.targets.base import TargetStartFailed
+
+    host.refuse_vfio.add(WIFI)
+    target = qemu_target(host, tmp_path, [WIFI])
+    target.passthrough.tries = 3
+    (tmp_path / "step").mkdir()
+    with pytest.raises(TargetStartFailed, match=f"PCI passthrough: passthrough: {WIFI}: not bound to vfio-pci"):
+        target.start(remote(host), {"kernel": "k"}, tmp_path / "step", Deadline.after(60))
+
+
+def test_qemu_argv_passes_the_named_devices_only():
+    from types import SimpleNamespace
+
+    from fleetbisect.targets.qemu import VMPaths, qemu_argv
+
+    target = SimpleNamespace(qemu="qemu-system-x86_64", machine="q35", accel="tcg", pci=[WIFI, NIC],
+                             virtiofs=None, guest=SimpleNamespace(address="127.0.0.1", port=10022))
+    boot = SimpleNamespace(memory=512, cpus=1, cmdline="c", root=None, qemu_args=["-cpu", "max"])
+    argv = qemu_argv(target, boot, kernel="k", initrd=None, paths=VMPaths("/w/vm"))
+    i = argv.index(f"vfio-pci,host={WIFI}")
+    assert argv[i - 1:i + 3] == ["-device", f"vfio-pci,host={WIFI}", "-device", f"vfio-pci,host={NIC}"]
+    assert f"vfio-pci,host={AUDIO}" not in argv  # group mates are bound, not given to the guest
+    assert argv[-5:] == ["-cpu", "max", "-daemonize", "-pidfile", "/w/vm/qemu.pid"]
