@@ -417,3 +417,23 @@ def test_qemu_argv_passes_the_named_devices_only():
     assert argv[i - 1:i + 3] == ["-device", f"vfio-pci,host={WIFI}", "-device", f"vfio-pci,host={NIC}"]
     assert f"vfio-pci,host={AUDIO}" not in argv  # group mates are bound, not given to the guest
     assert argv[-5:] == ["-cpu", "max", "-daemonize", "-pidfile", "/w/vm/qemu.pid"]
+
+
+def test_check_prints_what_the_host_said_as_text(monkeypatch):
+    """lspci lines and paths hold brackets: `check` must print them, not read them as markup."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from fleetbisect import check
+    from fleetbisect.ui import UI
+
+    detail = f"IOMMU group 9:\n  {LSPCI[WIFI]}\n  REFUSED: the host needs [/dev/sda1] [red] on /"
+    monkeypatch.setattr(check, "probe_host", lambda h, p: [check.Probe(f"pci {WIFI}", False, detail)])
+    monkeypatch.setattr(check, "identity_probe", lambda p: check.Probe("kernel identity", True, "verified"))
+    out = io.StringIO()
+    ok = check.check_host(SimpleNamespace(name="box"), SimpleNamespace(name="pb"),
+                          UI(Console(file=out, width=300, highlight=False)))
+    assert not ok
+    assert "[8086:2723]" in out.getvalue() and "[/dev/sda1] [red] on /" in out.getvalue()
