@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from ..config.target import pci_address
 from ..deadline import Deadline
 from ..remote.base import Remote
-from .base import Check
+from .base import Check, TargetStartFailed
 
 SYSFS = "/sys"
 MOUNTS = "/proc/mounts"
@@ -436,9 +436,14 @@ class Passthrough:
         return preflight_checks(self.survey(host, deadline), self.addresses, memory_mib)
 
     def bind(self, host: Remote, deadline: Deadline) -> str:
-        """Give the groups to vfio-pci (idempotent: a device already there is left alone)."""
+        """Give the groups to vfio-pci (idempotent: a device already there is left alone), unless
+        a device of theirs holds a mounted filesystem or the SSH session (TargetStartFailed)."""
         if not self.addresses:
             return ""
+        survey = self.survey(host, deadline)  # `check` is not a precondition of `run`
+        refusals = [f"{m.address} {r}" for m in group_members(survey) for r in critical_reasons(survey, m)]
+        if refusals:
+            raise TargetStartFailed("PCI passthrough refused, the host needs " + "; ".join(refusals))
         res = host.run(["sh", "-c", _BIND, "sh", self.sysfs, self.state, str(self.tries), *self.addresses],
                        deadline=deadline, check=True)
         return res.stdout.strip()

@@ -437,3 +437,15 @@ def test_check_prints_what_the_host_said_as_text(monkeypatch):
                           UI(Console(file=out, width=300, highlight=False)))
     assert not ok
     assert "[8086:2723]" in out.getvalue() and "[/dev/sda1] [red] on /" in out.getvalue()
+
+
+def test_a_run_refuses_to_bind_what_check_would_refuse(host):
+    """`run` does not rely on the user having run `check`: nothing is written, nothing recorded."""
+    from fleetbisect.targets.base import TargetStartFailed
+
+    with pytest.raises(TargetStartFailed, match=f"the host needs {NVME} holds /dev/mapper/vg-home on /home"):
+        passthrough(host, USB).bind(remote(host), Deadline.after(60))
+    with pytest.raises(TargetStartFailed, match=f"{NIC} carries this SSH session"):
+        passthrough(host, NIC).bind(remote(host), Deadline.after(60))
+    host.settle()
+    assert host.writes == [] and not state_file(host).exists()
