@@ -147,6 +147,13 @@ class Qemu(Target):
     kind = "qemu"
     Config = QemuConfig
 
+    def __new__(cls, host_cfg, playbook):
+        # Only a VM given PCI devices changes the host (their drivers) and has a restore(): the
+        # run connects to restore only a kind that overrides it, so a plain VM costs nothing.
+        if cls is Qemu and getattr(host_cfg.target, "pci", None):
+            cls = QemuPassthrough
+        return super().__new__(cls)
+
     def __init__(self, host_cfg, playbook):
         super().__init__(host_cfg, playbook)
         self.paths = VMPaths.under(host_cfg.work_dir)
@@ -162,11 +169,6 @@ class Qemu(Target):
         if self.config.virtiofs:
             checks += virtiofs.probes(host, self.config.virtiofs, deadline)
         return checks
-
-    def restore(self, host: Remote, deadline: Deadline) -> str:
-        """PCI devices back to the drivers they had (from the host's record: this run's, or a
-        crashed one's); nothing when none was recorded."""
-        return self.passthrough.restore(host, deadline)
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
         done = stop_vm(host, self.paths, deadline)
@@ -202,3 +204,12 @@ class Qemu(Target):
 
     def fetch_console(self, host: Remote, local: Path, deadline: Deadline) -> None:
         host.get(self.paths.console, local, deadline=deadline)
+
+
+class QemuPassthrough(Qemu):
+    """`kind: qemu` with `pci:` devices: the run ends by giving them back to their drivers."""
+
+    def restore(self, host: Remote, deadline: Deadline) -> str:
+        """PCI devices back to the drivers they had (from the host's record: this run's, or a
+        crashed one's); nothing when none was recorded."""
+        return self.passthrough.restore(host, deadline)

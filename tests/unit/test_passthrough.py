@@ -449,3 +449,10 @@ def test_a_run_refuses_to_bind_what_check_would_refuse(host):
         passthrough(host, NIC).bind(remote(host), Deadline.after(60))
     host.settle()
     assert host.writes == [] and not state_file(host).exists()
+
+
+def test_only_a_vm_with_pci_devices_has_something_to_restore(host, tmp_path):
+    from fleetbisect.targets import Target
+
+    assert type(qemu_target(host, tmp_path, [WIFI])).restore is not Target.restore
+    assert type(qemu_target(host, tmp_path, [])).restore is Target.restore  # the run skips it
