@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from rich.markup import escape
 from rich.table import Table
 
 from . import targets
@@ -110,7 +111,7 @@ def check_host(host_cfg, playbook, ui: UI) -> bool:
         table.add_column(col)
     for p in probes:
         mark = "[red]FAIL[/]" if not p.ok else "[yellow]WARN[/]" if p.warning else "[green]ok[/]"
-        table.add_row(p.name, mark, p.detail)
+        table.add_row(escape(p.name), mark, escape(p.detail))  # host text: `[/dev/sda1]` is no markup
         ui.event("probe", name=p.name, ok=p.ok, warning=p.warning, detail=p.detail)
     ui.console.print(table)
     return all(p.ok for p in probes)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from ..remote.base import SSHParams
 from .loader import Int, Strict, StrictBool
+
+# domain:bus:device.function, as sysfs and lspci -D spell it (device 00-1f, function 0-7)
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]")
 
 
 class Guest(Strict):
@@ -106,10 +110,57 @@ def public_key_line(line: str) -> str:
 
 
 
+class Virtiofs(Strict):
+    """A host directory the guest mounts with virtiofs (`mount -t virtiofs TAG /mnt`, or as its
+    root: `rootfstype=virtiofs root=TAG` on the kernel command line). The host runs
+    `virtiofsd` (the Rust daemon; Debian 12 ships none) for QEMU, or libvirt starts it."""
+
+    source: str = Field(description="absolute directory on the host to export")
+    tag: str = Field("fleetbisect", min_length=1, max_length=36, pattern=r"^[A-Za-z0-9_.-]+$",
+                     description="the mount tag the guest names")
+    virtiofsd: str = Field("/usr/libexec/virtiofsd", description="the daemon's path on the host")
+    cache: Literal["auto", "always", "never"] = "auto"
+
+    @field_validator("source", "virtiofsd")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r} is not an absolute path on the host")
+        return v
+
+
+def pci_address(value: str) -> str:
+    """`0000:00:14.3` (any case) -> its lowercase sysfs spelling; anything else is refused."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 0000:00:14.3 as a base-60 number (14.3): the text is lost
+        raise ValueError(f"YAML read this address as the number {value!r}: quote PCI addresses, "
+                         "'0000:00:14.3'")
+    if not isinstance(value, str) or not PCI_ADDRESS.fullmatch(value.lower()):
+        raise ValueError(f"{value!r} is not a PCI address DDDD:BB:DD.F such as 0000:00:14.3 "
+                         "(`lspci -D` prints them)")
+    return value.lower()
+
+
+PciAddress = Annotated[str, BeforeValidator(pci_address)]
+
+
 class TargetConfig(Strict):
-    """Base of every target kind's model: the guest (for kinds that boot one)."""
+    """Base of every target kind's model: the guest (for kinds that boot one), and what the VM
+    gets from the host: PCI devices passed through (bound to vfio-pci for the run, with the rest
+    of their IOMMU group) and a virtiofs share."""
 
     guest: Guest
+    pci: list[PciAddress] = Field(default_factory=list,
+                                  description="PCI devices to pass through, DDDD:BB:DD.F (lspci -D)")
+    virtiofs: Virtiofs | None = None
+
+    @field_validator("pci")
+    @classmethod
+    def _pci(cls, v: list[str]) -> list[str]:
+        dup = sorted({a for a in v if v.count(a) > 1})
+        if dup:
+            raise ValueError(f"{', '.join(dup)} listed twice")
+        return v
 
     def guest_ssh_params(self, host_name: str) -> SSHParams:
         g = self.guest

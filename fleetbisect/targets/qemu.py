@@ -19,9 +19,11 @@ from ..config.target import TargetConfig
 from ..deadline import Deadline
 from ..files import write_text_masked
 from ..remote.agent import AgentRemote, StreamTransport, relay_opener
-from ..remote.base import Remote
+from ..remote.base import Remote, RemoteCommandFailed
 from ..stages.image import deploy_image, probes as image_probes
+from . import virtiofs
 from .base import Check, Target, TargetStartFailed
+from .passthrough import Passthrough, vfio_args
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,11 @@ def qemu_argv(target, boot, *, kernel: str | None, initrd: str | None, paths: VM
         "-device", "virtio-net-pci,netdev=n0,romfile=",
         "-device", "virtio-rng-pci",
         *(agent_args(paths) if guest.has_agent else []),
-        *boot.qemu_args,
-        "-daemonize", "-pidfile", paths.pidfile,
     ]
+    argv += vfio_args(getattr(target, "pci", []))
+    if getattr(target, "virtiofs", None):
+        argv += virtiofs.qemu_args(target.virtiofs, virtiofs.socket_path(paths.dir), boot.memory)
+    argv += [*boot.qemu_args, "-daemonize", "-pidfile", paths.pidfile]
     return argv
 
 
@@ -186,10 +190,18 @@ class Qemu(Target):
     kind = "qemu"
     Config = QemuConfig
 
+    def __new__(cls, host_cfg, playbook):
+        # Only a VM given PCI devices changes the host (their drivers) and has a restore(): the
+        # run connects to restore only a kind that overrides it, so a plain VM costs nothing.
+        if cls is Qemu and getattr(host_cfg.target, "pci", None):
+            cls = QemuPassthrough
+        return super().__new__(cls)
+
     def __init__(self, host_cfg, playbook):
         super().__init__(host_cfg, playbook)
         self.paths = VMPaths.under(host_cfg.work_dir)
         self.disk: tuple[str, str] | None = None  # (path, format) of the deployed disk image
+        self.passthrough = Passthrough(self.config.pci, host_cfg.work_dir)
 
     @property
     def reached_by(self) -> str:
@@ -203,6 +215,9 @@ class Qemu(Target):
             checks += image_probes(host, self.playbook.disk_image, self.host_cfg.work_dir, deadline)
         if self.config.guest.has_agent:
             checks.append(self._agent_probe(host, deadline))
+        checks += self.passthrough.probes(host, deadline, self.playbook.boot.memory)
+        if self.config.virtiofs:
+            checks += virtiofs.probes(host, self.config.virtiofs, deadline)
         return checks
 
     def _agent_probe(self, host: Remote, deadline: Deadline) -> Check:
@@ -217,7 +232,10 @@ class Qemu(Target):
         return Check("guest agent", True, f"relay {res.stdout.split()[0]} to {sock}")
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
-        return stop_vm(host, self.paths, deadline)
+        done = stop_vm(host, self.paths, deadline)
+        if self.config.virtiofs:
+            done = " ".join(filter(None, [done, virtiofs.stop_virtiofsd(host, self.paths.dir, deadline)]))
+        return done
 
     def deploy(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
         spec = self.playbook.disk_image
@@ -230,7 +248,16 @@ class Qemu(Target):
             raise TargetStartFailed("the disk image was not deployed before the start")
         argv = qemu_argv(self.config, self.playbook.boot, kernel=artifacts.get("kernel"),
                          initrd=artifacts.get("initrd"), paths=self.paths, disk=self.disk)
-        write_text_masked(step_dir / "commands.txt", describe(argv) + "\n")
+        commands = []
+        if self.config.pci:  # the groups go to vfio-pci (once a run; the record is kept on the host)
+            try:
+                self.passthrough.bind(host, deadline.sub(60))
+            except RemoteCommandFailed as e:
+                raise TargetStartFailed(f"PCI passthrough: {e.result.stderr.strip()[-300:]}") from None
+        if self.config.virtiofs:
+            commands.append(describe(virtiofs.start_virtiofsd(host, self.config.virtiofs, self.paths.dir,
+                                                              deadline.sub(30))))
+        write_text_masked(step_dir / "commands.txt", "".join(c + "\n" for c in [*commands, describe(argv)]))
         started = start_vm(host, argv, self.paths, deadline)
         if not started.ok:
             raise TargetStartFailed(
@@ -261,3 +288,12 @@ class Qemu(Target):
 
     def fetch_console(self, host: Remote, local: Path, deadline: Deadline) -> None:
         host.get(self.paths.console, local, deadline=deadline)
+
+
+class QemuPassthrough(Qemu):
+    """`kind: qemu` with `pci:` devices: the run ends by giving them back to their drivers."""
+
+    def restore(self, host: Remote, deadline: Deadline) -> str:
+        """PCI devices back to the drivers they had (from the host's record: this run's, or a
+        crashed one's); nothing when none was recorded."""
+        return self.passthrough.restore(host, deadline)

@@ -99,7 +99,7 @@ def test_the_qemu_target_deploys_the_image_then_boots_the_converted_disk(tmp_pat
     pb = playbook(tmp_path, "artifacts: {kernel: k, image: d.qcow2}\nimage: {dest: /srv/repro.raw}\n")
     host_cfg = SimpleNamespace(work_dir="/w", target=SimpleNamespace(
         qemu="qemu-system-x86_64", machine="q35", accel="tcg",
-        guest=SimpleNamespace(address="127.0.0.1", port=10022, has_agent=False)))
+        guest=SimpleNamespace(address="127.0.0.1", port=10022, has_agent=False), pci=[], virtiofs=None))
     host = FakeRemote("vmhost")
     host.on(re.compile(r"^qemu-img info"), stdout='{"format": "qcow2", "virtual-size": 1048576}')
     host.on(re.compile(r"^df "), stdout="F 1 U A C M\n/dev/x 1 1 99999999 1% /\n")
