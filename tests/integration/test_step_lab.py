@@ -73,8 +73,10 @@ def test_a_guest_that_never_answers_ssh_is_a_skip(tree, host_cfg, playbook_varia
     assert rec.verdict is Verdict.SKIP, rec.reason
     assert rec.outcomes[0].kind is OutcomeKind.BOOT_FAILED
     assert "did not answer SSH within 8s" in rec.outcomes[0].summary
-    # The guest did boot (its console says so): it is the SSH server that never came.
-    assert "FLEETBISECT-READY" in (tmp_path / "steps" / "s" / "console.log").read_text(errors="replace")
+    # The kernel ran (its console says so, kept as evidence): it is the SSH server that never
+    # came, not a silent setup mistake. (How far it got in 8 s depends on the machine's load.)
+    assert "Linux version" in (tmp_path / "steps" / "s" / "console.log").read_text(errors="replace")
+    assert not rec.outcomes[0].details.get("console_silent")
 
 
 def test_a_guest_running_another_build_is_wrong_kernel_never_good(
