@@ -103,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
                    help="which regression the lab seeds (default: net-hang)")
     p.add_argument("--target", default="qemu", choices=("qemu", "libvirt"),
                    help="what boots the guest: a QEMU per step, or a libvirt domain (default: qemu)")
+    p.add_argument("--image", action="store_true",
+                   help="build each commit's guest as a disk image (qcow2) that the host converts onto "
+                   "the VM's disk, as a NixOS image build does")
 
     p = sub.add_parser("initramfs", help="build an init-as-reproducer initramfs (for the console reproducer)")
     isub = p.add_subparsers(dest="initramfs_command", required=True, metavar="ACTION")
@@ -278,7 +281,8 @@ def cmd_demo(args, ui: UI) -> int:
 
     base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     with ui.live():
-        return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario, target=args.target)
+        return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario, target=args.target,
+                    image=args.image)
 
 
 def cmd_report(args, ui: UI) -> int:

@@ -9,6 +9,8 @@ path as `fleetbisect run` and checks the answer against the `Seeded-regression` 
 from __future__ import annotations
 
 import random
+import shlex
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -65,9 +67,11 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", targe
 
 
 def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang",
-         target: str = "qemu") -> int:
+         target: str = "qemu", image: bool = False) -> int:
     """`target`: "qemu" (a QEMU the host starts per step) or "libvirt" (a domain the lab's
-    libvirtd already has, booted with each step's kernel and put back exactly as it was)."""
+    libvirtd already has, booted with each step's kernel and put back exactly as it was).
+    `image`: each commit's guest is built as a qcow2 disk image that the host converts onto
+    the VM's disk (the field case's NixOS image), beside the kernel it boots directly."""
     from .image import ensure_assets
     from .kernelrepo import generate_repo
     from .vmhost import LabHost
@@ -90,6 +94,8 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
         else:
             inventory = write_lab_inventory(base / "inventory.yaml", [host], assets)
         playbook_path = lab_playbook(scenario)
+        if image:
+            playbook_path = image_playbook(playbook_path, base / "playbook-image.yaml")
         host_cfg = load_inventory([inventory]).host("lab-host")
         playbook = load_playbook(playbook_path)
         report = start_run(
@@ -113,6 +119,21 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
     print(f"run directory: {report.run_dir}")
     print(answer_line(report.status, report.culprit, report.culprit_subject, report.message))
     return 0 if found and restored else 1
+
+
+def image_playbook(source: Path, dest: Path) -> Path:
+    """The lab playbook `source` with the guest built as a disk image: the build also packs the
+    commit's guest into an ext4 qcow2 (fleetbisect.lab.diskimage) and a boot initramfs that
+    mounts it as the root; the host converts it to raw onto the VM's disk each step."""
+    data = yaml.safe_load(source.read_text())
+    pack = shlex.join([sys.executable, "-m", "fleetbisect.lab.diskimage", "initramfs.img", "disk.qcow2",
+                       "boot-initrd.img"])
+    data["name"] = f"{data.get('name', source.stem)}-image"
+    data["build"]["command"] = f"{data['build']['command']} && {pack}"
+    data["artifacts"] = {"kernel": "arch/x86/boot/bzImage", "initrd": "boot-initrd.img", "image": "disk.qcow2"}
+    data["image"] = {"format": "raw", "size": "128M"}
+    dest.write_text(yaml.safe_dump(data, sort_keys=False))
+    return dest
 
 
 def _libvirt_domain(base: Path, assets, ui: UI, stack: ExitStack):

@@ -8,8 +8,10 @@ A step's domain is `base` (the user's saved original, or the rendered template) 
     serial_console(root, path)                          serial 0 logged to a file on the host
     no_restart(root)                                    on_poweroff/reboot/crash = destroy
 
-Disk images, virtiofs <filesystem>, <hostdev> passthrough and the guest agent's channel are
-further functions of the same shape (root, ...) -> None, called from Libvirt.step_xml().
+    boot_disk(root, path, fmt)                          the deployed disk image as its disk
+    agent_channel(root)                                 the guest agent's virtio-serial port
+    add_devices(root, elements)                         <hostdev>, <filesystem> (built elsewhere)
+    memory_backing(root, element)                       shared memory, for virtiofs
 """
 
 from __future__ import annotations
@@ -99,6 +101,55 @@ def serial_console(root: ET.Element, path: str) -> None:
         target = console.find("target")
         if target is None or target.get("type") in (None, "serial"):
             devices.remove(console)
+
+
+def _devices(root: ET.Element) -> ET.Element:
+    devices = root.find("devices")
+    return devices if devices is not None else ET.SubElement(root, "devices")
+
+
+def boot_disk(root: ET.Element, path: str, fmt: str) -> None:
+    """The deployed disk image is the domain's first disk (vda): the first `device='disk'` is
+    pointed at it (the domain's own disk in the field case: the saved original is restored at
+    the end), or one is added. A fresh copy each step, so it is writable."""
+    devices = _devices(root)
+    disk = next((d for d in devices.findall("disk") if d.get("device", "disk") == "disk"), None)
+    if disk is None:
+        disk = ET.Element("disk", type="file", device="disk")
+        ET.SubElement(disk, "target", dev="vda", bus="virtio")
+        disks = [i for i, c in enumerate(devices) if c.tag == "disk"]
+        devices.insert(disks[-1] + 1 if disks else 0, disk)
+    disk.set("type", "file")
+    for child in list(disk):
+        if child.tag in ("source", "driver", "backingStore", "readonly"):
+            disk.remove(child)
+    disk.insert(0, ET.Element("source", file=path))
+    disk.insert(0, ET.Element("driver", name="qemu", type=fmt))
+
+
+def agent_channel(root: ET.Element) -> None:
+    """The QEMU guest agent's virtio-serial port (libvirt picks the socket on the host)."""
+    devices = _devices(root)
+    for channel in devices.findall("channel"):
+        target = channel.find("target")
+        if target is not None and target.get("name") == "org.qemu.guest_agent.0":
+            return
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+
+
+def add_devices(root: ET.Element, elements: list[ET.Element]) -> None:
+    devices = _devices(root)
+    for el in elements:
+        devices.append(el)
+
+
+def memory_backing(root: ET.Element, element: ET.Element) -> None:
+    """Replace the domain's <memoryBacking> (virtiofs needs shared memory)."""
+    for old in root.findall("memoryBacking"):
+        root.remove(old)
+    index = next((i for i, c in enumerate(root) if c.tag in ("vcpu", "iothreads", "cputune", "os")), len(root))
+    root.insert(index, element)
 
 
 def no_restart(root: ET.Element) -> None:

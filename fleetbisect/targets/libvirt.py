@@ -37,11 +37,20 @@ from ..config.target import TargetConfig
 from ..deadline import Deadline
 from ..errors import InfraError
 from ..files import write_text_masked
-from ..remote.base import Remote, Result, SSHParams
+from ..remote.agent import AgentRemote
+from ..remote.agent_transport import VirshTransport
+from ..remote.base import Remote, RemoteCommandFailed, Result, SSHParams
+from ..stages.image import deploy_image
+from ..stages.image import probes as image_probes
 from . import domainxml as dx
+from . import virtiofs
 from .base import Check, Target, TargetStartFailed
+from .passthrough import Passthrough, hostdev_xml
 
 RUNNING_STATES = ("running", "idle", "paused", "in shutdown", "pmsuspended", "blocked")
+
+
+AGENT_ATTEMPT = 5.0  # seconds one login through the agent may take before the next try
 
 
 class VirshError(InfraError):
@@ -162,6 +171,8 @@ class Libvirt(Target):
         self.files = HostFiles(posixpath.join(host_cfg.work_dir, "libvirt"), self.config.domain)
         self._base: str | None = None  # this attempt's base XML, once read
         self._address: str | None = None  # from `virsh domifaddr`, once seen
+        self.disk: tuple[str, str] | None = None  # (path, format) of the deployed disk image
+        self.passthrough = Passthrough(self.config.pci, host_cfg.work_dir)
 
     @property
     def defines(self) -> bool:
@@ -236,11 +247,21 @@ class Libvirt(Target):
         return dx.serialize(root)
 
     def step_xml(self, base: str, artifacts: Mapping[str, str]) -> str:
-        """The domain for one step: `base` pointed at this step's kernel, its console logged
-        to a file, no restart. Disk images, the agent channel, <filesystem>, <hostdev> are
-        further edits of `root` here."""
+        """The domain for one step: `base` pointed at this step's kernel (direct kernel boot,
+        when the playbook builds one) and disk image (when it builds one), its console logged
+        to a file, no restart; the agent's channel, <hostdev> and virtiofs as the inventory says."""
+        cfg = self.config
         root = dx.parse(base)
-        dx.direct_kernel_boot(root, artifacts["kernel"], artifacts.get("initrd"), self.playbook.boot.cmdline)
+        if artifacts.get("kernel"):
+            dx.direct_kernel_boot(root, artifacts["kernel"], artifacts.get("initrd"), self.playbook.boot.cmdline)
+        if self.disk is not None:
+            dx.boot_disk(root, *self.disk)
+        if cfg.guest.has_agent:
+            dx.agent_channel(root)
+        dx.add_devices(root, [hostdev_xml(a) for a in cfg.pci])
+        if cfg.virtiofs:
+            dx.add_devices(root, [virtiofs.filesystem_xml(cfg.virtiofs)])
+            dx.memory_backing(root, virtiofs.memory_backing_xml())
         dx.serial_console(root, self.files.console)
         dx.no_restart(root)
         return dx.serialize(root)
@@ -278,6 +299,9 @@ class Libvirt(Target):
                 if saved else "; its definition is saved before the first step and restored at the end")))
             xml_text = self.virsh(host, "dumpxml", "--inactive", cfg.domain, deadline=deadline).stdout
         checks.append(self._emulator_check(host, xml_text, deadline))
+        if self.playbook.disk_image is not None:
+            checks += image_probes(host, self.playbook.disk_image, self.host_cfg.work_dir, deadline)
+        checks += self.passthrough.probes(host, deadline, None)  # libvirt locks the guest's memory itself
         return checks
 
     def _emulator_check(self, host: Remote, xml_text: str | None, deadline: Deadline) -> Check:
@@ -304,7 +328,9 @@ class Libvirt(Target):
         return Check("emulator", ok, path if ok else f"{path} is not an executable on the host")
 
     def restore(self, host: Remote, deadline: Deadline) -> str:
-        return self._undefine(host, deadline) if self.defines else self._restore_original(host, deadline)
+        done = self._undefine(host, deadline) if self.defines else self._restore_original(host, deadline)
+        given_back = self.passthrough.restore(host, deadline) if self.config.pci else ""
+        return "; ".join(d for d in (done, given_back) if d)
 
     def _restore_original(self, host: Remote, deadline: Deadline) -> str:
         f = self.files
@@ -346,6 +372,9 @@ class Libvirt(Target):
     def deploy(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
         if self.defines:
             self._claim(host, deadline)
+        spec = self.playbook.disk_image
+        if spec is not None:  # converted beside the old disk, renamed when complete
+            self.disk = (deploy_image(host, artifacts["image"], spec, self.host_cfg.work_dir, deadline), spec.format)
         xml = self.step_xml(self.base_xml(host, deadline), artifacts)
         write_text_masked(step_dir / "domain.xml", dx.redacted(xml))
         argv = ["sh", "-c", _DEFINE, "sh", self.files.dir, self.files.step_xml, self.files.console,
@@ -368,6 +397,11 @@ class Libvirt(Target):
                  deadline=deadline.sub(30), check=True)
 
     def start(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
+        if self.config.pci:  # the groups go to vfio-pci (once a run; the record is kept on the host)
+            try:
+                self.passthrough.bind(host, deadline.sub(60))
+            except RemoteCommandFailed as e:
+                raise TargetStartFailed(f"PCI passthrough: {e.result.stderr.strip()[-300:]}") from None
         argv = self.virsh_argv("start", self.config.domain)
         with open(step_dir / "commands.txt", "a") as f:
             f.write(shlex.join(argv) + "\n")
@@ -411,7 +445,21 @@ class Libvirt(Target):
             raise VirshError(f"virsh domifaddr {self.config.domain} reports no address yet")
         return GuestEndpoint(address, g.port, host if g.via == "host" else None)
 
+    @property
+    def reached_by(self) -> str:
+        return "the guest agent" if self.config.guest.reach == "agent" else "SSH"
+
+    def login(self, host: Remote, deadline: Deadline) -> Remote:
+        """SSH by default; with `reach: agent` the guest agent through `virsh qemu-agent-command`
+        (libvirt owns the agent's socket). One short attempt: waiting still notices a dead domain."""
+        if self.config.guest.reach != "agent":
+            return super().login(host, deadline)
+        transport = VirshTransport(host, self.config.domain, uri=self.config.uri)
+        return AgentRemote.connect(transport, deadline=deadline.sub(AGENT_ATTEMPT))
+
     def probe(self, host: Remote) -> bool:
+        if self.config.guest.reach == "agent":
+            return True  # the login attempt is the probe
         if self._guest_address(host) is None:
             return False  # no lease yet: libvirt is asked again at the next poll
         return super().probe(host)

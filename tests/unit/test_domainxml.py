@@ -4,12 +4,14 @@ parsing, the inventory model, and the commands it sends (against a scripted host
 from __future__ import annotations
 
 import re
+import shlex
 import types
 from pathlib import Path
 
 import pytest
 
 from fleetbisect.deadline import Deadline
+from fleetbisect.remote.base import Result
 from fleetbisect.remote.fake import FakeRemote
 from fleetbisect.targets import KINDS, domainxml as dx, select
 from fleetbisect.targets.base import TargetStartFailed
@@ -143,10 +145,10 @@ def test_parse_domifaddr():
 
 
 def make_target(tmp_path: Path, **fields) -> Libvirt:
-    cfg = LibvirtConfig(kind="libvirt", guest={"port": 10022, "host_key": KEY}, **{"domain": "repro-vm", **fields})
+    cfg = LibvirtConfig(**{"kind": "libvirt", "guest": {"port": 10022, "host_key": KEY}, "domain": "repro-vm", **fields})
     host_cfg = types.SimpleNamespace(name="h", work_dir="/w", target=cfg)
     boot = types.SimpleNamespace(cmdline="console=ttyS0", memory=512, cpus=1)
-    return select("libvirt")(host_cfg, types.SimpleNamespace(boot=boot))
+    return select("libvirt")(host_cfg, types.SimpleNamespace(boot=boot, disk_image=None))
 
 
 def test_registered_as_libvirt():
@@ -211,3 +213,70 @@ def test_step_xml_of_an_existing_domain_starts_from_the_saved_original(tmp_path)
     # saved once: the save script keeps an existing copy (never overwritten)
     (save,) = [c for c in host.calls if "orig.xml" in c.command]
     assert '[ ! -s "$f" ]' in save.command
+
+
+# --- disk image, agent, passthrough, virtiofs in the domain ------------------------------------
+
+DISKED_DOMAIN = """<domain type='kvm'><name>repro-vm</name><memory unit='KiB'>1048576</memory>
+<os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+<devices><disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>
+<source dev='/dev/vg/repro'/><target dev='vda' bus='virtio'/></disk>
+<disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='sda' bus='sata'/></disk>
+<interface type='network'><source network='default'/></interface></devices></domain>"""
+
+
+def test_the_deployed_image_becomes_the_domains_own_disk_and_the_rest_is_kept(tmp_path):
+    t = make_target(tmp_path)
+    t.disk = ("/srv/repro.raw", "raw")
+    root = dx.parse(t.step_xml(DISKED_DOMAIN, {"image": "/w/blobs/abc.sparse"}))
+    disks = root.findall("devices/disk")
+    assert [d.get("device") for d in disks] == ["disk", "cdrom"]  # the cdrom is left alone
+    main = disks[0]
+    assert main.get("type") == "file" and main.find("source").attrib == {"file": "/srv/repro.raw"}
+    assert main.find("driver").attrib == {"name": "qemu", "type": "raw"}
+    assert main.find("target").attrib == {"dev": "vda", "bus": "virtio"}
+    assert root.find("os/kernel") is None  # no kernel artifact: the image boots itself
+    assert root.find("devices/interface/source").get("network") == "default"
+
+
+def test_a_domain_without_a_disk_gets_one_and_a_kernel_still_boots_directly(tmp_path):
+    t = make_target(tmp_path)
+    t.disk = ("/w/disk.raw", "qcow2")
+    base = "<domain type='qemu'><name>x</name><os><type>hvm</type></os><devices/></domain>"
+    root = dx.parse(t.step_xml(base, {"kernel": "/w/k", "image": "/w/i"}))
+    (disk,) = root.findall("devices/disk")
+    assert disk.find("source").get("file") == "/w/disk.raw" and disk.find("driver").get("type") == "qcow2"
+    assert root.find("os/kernel").text == "/w/k"
+
+
+def test_the_agent_channel_passthrough_and_virtiofs_are_added_to_the_domain(tmp_path):
+    t = make_target(tmp_path, pci=["0000:03:00.0"], virtiofs={"source": "/srv/share", "tag": "share"},
+                    guest={"reach": "agent"})
+    root = dx.parse(t.step_xml(DISKED_DOMAIN, {"kernel": "/w/k"}))
+    names = [c.find("target").get("name") for c in root.findall("devices/channel")]
+    assert names == ["org.qemu.guest_agent.0"]
+    (hostdev,) = root.findall("devices/hostdev")
+    assert hostdev.find("source/address").attrib["bus"] == "0x03"
+    (fs,) = root.findall("devices/filesystem")
+    assert fs.find("driver").get("type") == "virtiofs" and fs.find("target").get("dir") == "share"
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    again = dx.parse(t.step_xml(dx.serialize(root), {"kernel": "/w/k"}))
+    assert len(again.findall("devices/channel")) == 1  # not added twice
+
+
+def test_reach_agent_logs_in_through_virsh_qemu_agent_command(tmp_path):
+    import json
+
+    t = make_target(tmp_path, guest={"reach": "agent"})
+    host = FakeRemote("h")
+
+    def agent(call):
+        request = json.loads(shlex.split(call.command)[-1])
+        reply = {"return": {}} if request["execute"] == "guest-ping" else {"return": request.get("arguments", {}).get("id", 0)}
+        return Result(call.command, 0, json.dumps(reply), "", 0.0)
+
+    host.on(re.compile("qemu-agent-command"), agent)
+    assert t.probe(host) and t.reached_by == "the guest agent"
+    guest = t.login(host, Deadline.after(10))
+    assert any("qemu-agent-command" in c.command and "repro-vm" in c.command for c in host.calls)
+    guest.close()
