@@ -1,0 +1,4 @@
+from .base import Search
+
+class BayesSearch(Search):
+    name = "bayes"
