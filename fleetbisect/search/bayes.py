@@ -65,13 +65,14 @@ class BayesSearch(Search):
         self.skipped: set[int] = set()
         self.observed: dict[int, list[int]] = {}  # position -> [passes, failures]
         self.m_one = max((information(k / 1000, self.p, self.e), k / 1000) for k in range(1, 1000))[1]
-        self._cache = None
+        self._cache = self._cands = None
 
     # -- evidence -----------------------------------------------------------------------------
     def _record(self, i: int, result: Result, host: str | None) -> None:
         name, on = self.graph.commits[i][:12], (f" on {host}" if host else "")
         if result is Result.SKIP:
             self.skipped.add(i)
+            self._cands = None
             self.log.append(f"skip {name}{on}: could not be tested")
             return
         obs = self.observed.setdefault(i, [0, 0])
@@ -90,7 +91,7 @@ class BayesSearch(Search):
             self.logw[k] += in_f if inside else out_f
         top = max(self.logw)
         self.logw = [w - top for w in self.logw]
-        self._cache = None
+        self._cache = self._cands = None
         c, conf = self._top()
         word = "failed" if result is Result.BAD else "passed"
         self.log.append(f"{name}{on} {word} ({obs[0]} passed, {obs[1]} failed there); best now "
@@ -159,36 +160,56 @@ class BayesSearch(Search):
 
     @property
     def done(self) -> bool:
-        return self.runs >= self.budget or self._best_group()[1] >= self.confidence
+        if self.runs >= self.budget or self._best_group()[1] >= self.confidence:
+            return True
+        return not self.in_flight and not self._candidates()  # nothing left that a run could tell
 
     # -- proposals ----------------------------------------------------------------------------
     def _targets(self, k: int) -> list[float]:
         return [self.m_one] if k == 1 else [j / (k + 1) for j in range(1, k + 1)]
 
-    def _at_mass(self, m: float, alone: bool) -> int | None:
-        """A testable commit near the one whose ancestors hold mass m: of its neighbours worth a
-        run, the nearest to m (several hosts) or the most informative (one host)."""
+    def _candidates(self) -> list[tuple[float, float, int]]:
+        """(information, mass, commit) of the testable commits worth a run among: the mainline
+        around every tenth of the mass, and the ends and middle of the likeliest segments (on a
+        side branch the ancestors' mass is not the cumulative one). If none is worth a run, all."""
+        if self._cands is not None:
+            return self._cands
         dens, cum = self._masses()
-        k = max(0, min(bisect.bisect_left(cum, m) - 1, len(dens) - 1))
-        x = self.bounds[k] + (int((m - cum[k]) / dens[k]) if dens[k] > 0 else 0)
-        x = max(0, min(x, self.graph.n - 1))
-        window, j = [], x
-        while j >= 0 and len(window) < 4:
-            if self._testable(j):
-                window.append(j)
-            j -= 1
-        j = x + 1
-        while j < self.graph.n and len(window) < 8:
-            if self._testable(j):
-                window.append(j)
-            j += 1
-        scored = [(information(self.mass(t), self.p, self.e), self.mass(t), t) for t in window]
-        useful = [s for s in scored if s[0] > _USEFUL]
-        if not useful:
+        picks: set[int] = set()
+        for q in range(1, 20):
+            m = q / 20
+            k = max(0, min(bisect.bisect_left(cum, m) - 1, len(dens) - 1))
+            x = self.bounds[k] + (int((m - cum[k]) / dens[k]) if dens[k] > 0 else 0)
+            picks.update(range(x - 2, x + 3))
+        heavy = sorted(range(len(dens)), key=lambda k: -(cum[k + 1] - cum[k]))[:8]
+        for k in heavy:
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            picks.update((lo - 2, lo - 1, lo, (lo + hi) // 2, hi - 2, hi - 1))
+        cands = self._score(x for x in picks if 0 <= x < self.graph.n)
+        if not cands:
+            cands = self._score(range(self.graph.n))
+        self._cands = cands
+        return cands
+
+    def _score(self, xs) -> list[tuple[float, float, int]]:
+        out = []
+        for x in xs:
+            if self._testable(x):
+                m = self.mass(x)
+                info = information(m, self.p, self.e)
+                if info > _USEFUL:
+                    out.append((info, m, x))
+        return sorted(out, key=lambda c: c[2])
+
+    def _at_mass(self, m: float, alone: bool) -> int | None:
+        """Of the commits worth a run, the most informative (one host) or the one whose
+        ancestors' mass is nearest m (several hosts)."""
+        cands = self._candidates()
+        if not cands:
             return None
         if alone:
-            return max(useful, key=lambda s: (s[0], -s[2]))[2]
-        return min(useful, key=lambda s: (abs(s[1] - m), s[2]))[2]
+            return max(cands, key=lambda c: (c[0], -c[2]))[2]
+        return min(cands, key=lambda c: (abs(c[1] - m), c[2]))[2]
 
     def propose(self, idle_hosts: int) -> list[str]:
         if self.done or idle_hosts <= 0:
@@ -211,22 +232,37 @@ class BayesSearch(Search):
         return [c for c in self.in_flight if information(self.mass(self.graph.index[c]), self.p, self.e) <= _USEFUL]
 
     # -- the answer ---------------------------------------------------------------------------
+    def _smallest_set(self, limit: int = 64) -> tuple[list[int], float]:
+        """The fewest commits holding `confidence` of the posterior (densest first), at most `limit`."""
+        dens, _ = self._masses()
+        out, total = [], 0.0
+        for k in sorted(range(len(dens)), key=lambda k: (-dens[k], -self.bounds[k])):
+            for x in range(self.bounds[k + 1] - 1, self.bounds[k] - 1, -1):
+                if total >= self.confidence or len(out) >= limit:
+                    return sorted(out), total
+                out.append(x)
+                total += dens[k]
+        return sorted(out), total
+
     def answer(self) -> Answer:
-        g = self._best_group()
-        grp, conf = g
-        names = [self.graph.commits[i] for i in grp]
-        ru, ru_p = self._top(exclude=grp)
+        grp, conf = self._best_group()
+        members = list(grp)
+        stuck = conf < self.confidence and self.runs < self.budget and self.done
+        if stuck:  # no run can tell the likeliest commits apart (skips across merges): name them all
+            members, conf = self._smallest_set()
+        names = [self.graph.commits[i] for i in members]
+        ru, _ = self._top(exclude=range(members[0], members[-1] + 1))
         runner = self.graph.commits[ru] if ru >= 0 else None
         log = list(self.log)
         if conf >= self.confidence:
             culprit = names[0] if len(names) == 1 else None
             what = f"{names[0]} is the first bad commit" if culprit else \
-                f"the first bad commit is one of {len(names)} (skipped): " + " ".join(n[:12] for n in names)
+                f"the first bad commit is one of {len(names)} that no run can tell apart: " + " ".join(n[:12] for n in names)
             log.append(f"{what}, with probability {conf:.4f} after {self.runs} runs"
                        + (f"; runner-up {runner[:12]}" if runner else ""))
             return Answer(culprit, names, conf, runner, self.runs, log)
-        log.append(f"budget of {self.budget} runs spent: the best guess {names[-1][:12]} has only "
-                   f"probability {conf:.4f} (asked {self.confidence})")
+        why = "no run can tell more" if stuck else f"the budget of {self.budget} runs is spent"
+        log.append(f"{why}: the best guess {names[-1][:12]} has only probability {conf:.4f} (asked {self.confidence})")
         return Answer(None, names, conf, runner, self.runs, log)
 
 
