@@ -15,6 +15,8 @@ Methods, all driving fleetbisect.search:
 runs: boots (and failed builds) recorded; rounds: the longest chain of tests each proposed after
 the previous one's result; wall: simulated time in units of the fastest host's step.
 Hosts: host h of N takes 1 + 0.5 h/(N-1) steps per run (+-10% jitter); a failed build costs 0.3.
+With --lockstep all hosts take exactly one step per run (and per failed build): rounds are then
+synchronous rounds, the ones the ceil(log_{N+1} M) + 1 bound speaks of.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def history(n: int, seed: int) -> tuple[CommitGraph, set[int]]:
     return g, broken
 
 
-def bisect_once(g: CommitGraph, broken: set[int], method: str, p: float, hosts: int, seed: int) -> dict:
+def bisect_once(g: CommitGraph, broken: set[int], method: str, p: float, hosts: int, seed: int,
+                lockstep: bool = False) -> dict:
     rnd = random.Random(seed)
     culprit = rnd.randrange(g.n)
     if method == "bayes":
@@ -76,7 +79,7 @@ def bisect_once(g: CommitGraph, broken: set[int], method: str, p: float, hosts: 
     else:
         search = select("kary")(g)
     tries = 3 if method == "repeat3" else 1
-    speed = [1 + (0.5 * h / (hosts - 1) if hosts > 1 else 0) for h in range(hosts)]
+    speed = [1 + (0.5 * h / (hosts - 1) if hosts > 1 and not lockstep else 0) for h in range(hosts)]
     idle = list(range(hosts))
     heap: list = []  # (finish, seq, host, commit, result, boots, round)
     running: dict[int, tuple] = {}
@@ -92,7 +95,7 @@ def bisect_once(g: CommitGraph, broken: set[int], method: str, p: float, hosts: 
             i = g.index[c]
             search.started(c, f"h{h}")
             if i in broken:
-                result, n_boots, cost = Result.SKIP, 0, 0.3
+                result, n_boots, cost = Result.SKIP, 0, 1 if lockstep else 0.3
             else:
                 bad = g.is_ancestor(culprit, i)
                 n_boots, result = 0, Result.GOOD
@@ -100,7 +103,7 @@ def bisect_once(g: CommitGraph, broken: set[int], method: str, p: float, hosts: 
                     n_boots += 1
                     if rnd.random() < (p if bad else FALSE_ALARM):
                         result = Result.BAD
-                cost = sum(rnd.uniform(0.9, 1.1) for _ in range(n_boots))
+                cost = n_boots if lockstep else sum(rnd.uniform(0.9, 1.1) for _ in range(n_boots))
             seq += 1
             job = (now + cost * speed[h], seq, h, c, result, n_boots, known_round + 1)
             running[h] = job
@@ -138,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--p", type=float, nargs="*", default=[1.0, 0.9, 0.5, 0.3])
     ap.add_argument("--hosts", type=int, nargs="*", default=[1, 2, 3, 7])
     ap.add_argument("--methods", nargs="*", default=["bisect", "repeat3", "bayes"])
+    ap.add_argument("--lockstep", action="store_true",
+                    help="equal hosts, no jitter, a failed build costs a step: synchronous rounds")
     ap.add_argument("--quick", action="store_true", help="small and fast: a smoke test")
     args = ap.parse_args(argv)
     if args.quick:
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
     for p in args.p:
         for n in args.hosts:
             for method in args.methods:
-                res = [bisect_once(*graphs[s % len(graphs)], method, p, n, s) for s in range(args.seeds)]
+                res = [bisect_once(*graphs[s % len(graphs)], method, p, n, s, args.lockstep) for s in range(args.seeds)]
                 row = {"p": p, "N": n, "method": method,
                        "right": sum(r["right"] for r in res) / len(res),
                        "runs": sum(r["runs"] for r in res) / len(res), "runs95": pct([r["runs"] for r in res], 0.95),

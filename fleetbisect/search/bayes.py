@@ -43,6 +43,7 @@ def information(m: float, p: float, e: float) -> float:
     return _h(p * m + e * (1 - m)) - m * _h(p) - (1 - m) * _h(e)
 
 
+_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)  # masses to look near
 _USEFUL = 1e-5  # bits: a run that tells less than this is not worth a boot
 
 
@@ -64,6 +65,7 @@ class BayesSearch(Search):
         self.logw = [0.0]
         self.skipped: set[int] = set()
         self.observed: dict[int, list[int]] = {}  # position -> [passes, failures]
+        self._hp, self._he = _h(self.p), _h(self.e)
         self.m_one = max((information(k / 1000, self.p, self.e), k / 1000) for k in range(1, 1000))[1]
         self._cache = self._cands = None
 
@@ -170,21 +172,20 @@ class BayesSearch(Search):
 
     def _candidates(self) -> list[tuple[float, float, int]]:
         """(information, mass, commit) of the testable commits worth a run among: the mainline
-        around every tenth of the mass, and the ends and middle of the likeliest segments (on a
+        around a grid of masses, and the ends and middle of the likeliest segments (on a
         side branch the ancestors' mass is not the cumulative one). If none is worth a run, all."""
         if self._cands is not None:
             return self._cands
         dens, cum = self._masses()
         picks: set[int] = set()
-        for q in range(1, 20):
-            m = q / 20
+        for m in _GRID:
             k = max(0, min(bisect.bisect_left(cum, m) - 1, len(dens) - 1))
             x = self.bounds[k] + (int((m - cum[k]) / dens[k]) if dens[k] > 0 else 0)
-            picks.update(range(x - 2, x + 3))
-        heavy = sorted(range(len(dens)), key=lambda k: -(cum[k + 1] - cum[k]))[:8]
+            picks.update((x - 1, x, x + 1))
+        heavy = sorted(range(len(dens)), key=lambda k: -(cum[k + 1] - cum[k]))[:6]
         for k in heavy:
             lo, hi = self.bounds[k], self.bounds[k + 1]
-            picks.update((lo - 2, lo - 1, lo, (lo + hi) // 2, hi - 2, hi - 1))
+            picks.update((lo - 1, lo, (lo + hi) // 2, hi - 1))
         cands = self._score(x for x in picks if 0 <= x < self.graph.n)
         if not cands:
             cands = self._score(range(self.graph.n))
@@ -192,13 +193,21 @@ class BayesSearch(Search):
         return cands
 
     def _score(self, xs) -> list[tuple[float, float, int]]:
+        xs = [x for x in xs if self._testable(x)]
+        ivs = {x: self.graph.intervals(x) for x in xs}
+        # The mass before every interval end, in one sweep over the segments (not one search each).
+        dens, cum = self._masses()
+        before, k, bounds = {}, 0, self.bounds
+        for pt in sorted({pt for runs in ivs.values() for iv in runs for pt in iv}):
+            while k + 1 < len(dens) and bounds[k + 1] <= pt:
+                k += 1
+            before[pt] = cum[k] + (pt - bounds[k]) * dens[k]
         out = []
         for x in xs:
-            if self._testable(x):
-                m = self.mass(x)
-                info = information(m, self.p, self.e)
-                if info > _USEFUL:
-                    out.append((info, m, x))
+            m = sum(before[hi] - before[lo] for lo, hi in ivs[x])
+            info = _h(self.p * m + self.e * (1 - m)) - m * self._hp - (1 - m) * self._he  # information()
+            if info > _USEFUL:
+                out.append((info, m, x))
         return sorted(out, key=lambda c: c[2])
 
     def _at_mass(self, m: float, alone: bool) -> int | None:
