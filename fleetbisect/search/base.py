@@ -96,6 +96,19 @@ class Search(ABC):
             self.log.append(f"cancel {commit[:12]} on {', '.join(h or '?' for h in hosts)}: its result no longer matters")
         return out
 
+    def upcoming(self, limit: int = 4) -> list[str]:
+        """Commits the search may ask for once the tests in flight come back, either way: what a
+        build-ahead can build now so that no host waits for a build. Not in flight, no repeats."""
+        out: list[str] = []
+        for commit, hosts in list(self.in_flight.items()):
+            for result in (Result.BAD, Result.GOOD):
+                twin = type(self).replay(self.graph, self.events, **self.options)
+                twin.record(commit, result, hosts[0])
+                for c in twin.propose(1):
+                    if c not in out and c not in self.in_flight:
+                        out.append(c)
+        return out[:limit]
+
     @property
     @abstractmethod
     def done(self) -> bool: ...

@@ -98,3 +98,17 @@ def test_unknown_search_lists_the_valid_ones():
     with pytest.raises(UserError, match="valid searches: bayes, kary"):
         select("binary")
     assert names() == ["bayes", "kary"] and all(issubclass(select(n), Search) for n in names())
+
+
+def test_upcoming_names_the_next_cut_for_either_result():
+    g = linear(64)
+    s = select("kary")(g)
+    (c,) = s.propose(1)
+    s.started(c, "h")
+    nxt = s.upcoming()
+    assert len(nxt) == 2 and c not in nxt
+    for result in (Result.BAD, Result.GOOD):  # whichever way c comes back, the next cut was built
+        twin = select("kary").replay(g, s.events)
+        twin.record(c, result, "h")
+        assert twin.propose(1)[0] in nxt
+    assert s.in_flight == {c: ["h"]} and s.runs == 0  # asking changed nothing
