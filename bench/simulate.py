@@ -12,7 +12,8 @@ Methods, all driving fleetbisect.search:
   repeat3  the same, each test up to 3 boots on its host, bad on any failure (ktest's BISECT_TRIES)
   bayes    the flake-aware Bayesian search told p, stopping at confidence 0.99
 
-runs: boots (and failed builds) recorded; rounds: the longest chain of tests each proposed after
+right: the culprit named (or a candidate set holding it); wrong: a culprit named that is not it
+(the rest named nothing: a budget spent); runs: boots (and failed builds) recorded; rounds: the longest chain of tests each proposed after
 the previous one's result; wall: simulated time in units of the fastest host's step.
 Hosts: host h of N takes 1 + 0.5 h/(N-1) steps per run (+-10% jitter); a failed build costs 0.3.
 With --lockstep all hosts take exactly one step per run (and per failed build): rounds are then
@@ -45,7 +46,7 @@ def history(n: int, seed: int) -> tuple[CommitGraph, set[int]]:
     parents: dict[str, list[str]] = {"0": []}
     heads = {"main": "0"}
     k = 1
-    while k < n - 1:
+    while k < n - len(heads) + 1:  # room left to merge every open branch back, one by one
         open_ = [b for b in heads if b != "main"]
         r = rnd.random()
         if r < 0.08:
@@ -61,8 +62,10 @@ def history(n: int, seed: int) -> tuple[CommitGraph, set[int]]:
         else:
             parents[str(k)], heads["main"] = [heads["main"]], str(k)
         k += 1
-    parents[str(k)] = [heads.pop("main"), *heads.values()]  # the bad end merges what is left
-    g = CommitGraph.from_parents(parents, str(k))
+    for b in [b for b in heads if b != "main"]:
+        parents[str(k)], heads["main"] = [heads["main"], heads.pop(b)], str(k)
+        k += 1
+    g = CommitGraph.from_parents(parents, heads["main"])
     broken: set[int] = set()
     for _ in range(max(1, n // 2000)):
         at = rnd.randrange(g.n - 30)
@@ -124,8 +127,9 @@ def bisect_once(g: CommitGraph, broken: set[int], method: str, p: float, hosts: 
         known_round = rounds
     a = search.answer()
     name = g.commits[culprit]
-    right = a.culprit == name if a.culprit else (a.confidence >= 0.99 and name in a.candidates)
-    return {"right": right, "runs": boots, "rounds": rounds, "wall": now}
+    named = a.culprit is not None or a.confidence >= 0.99  # an answer, not a budget's best guess
+    right = a.culprit == name if a.culprit else (named and name in a.candidates)
+    return {"right": right, "wrong": named and not right, "runs": boots, "rounds": rounds, "wall": now}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -152,8 +156,8 @@ def main(argv=None) -> int:
     m = graphs[0][0].n
     print(f"{args.seeds} bisects per cell; {m} commits, {graphs[0][0].merges} merges in history 0 of "
           f"{args.histories}; ceil(log2 M) = {math.ceil(math.log2(m))}")
-    print(f"{'p':>4} {'N':>2} {'method':<8} {'right':>7} {'runs':>6} {'p95':>4} {'rounds':>6} {'p95':>4} "
-          f"{'wall':>6}  bound")
+    print(f"{'p':>4} {'N':>2} {'method':<8} {'right':>7} {'wrong':>6} {'runs':>6} {'p95':>4} {'rounds':>6} {'p95':>4} "
+          f"{'max':>4} {'wall':>6}  bound")
     rows = []
     for p in args.p:
         for n in args.hosts:
@@ -161,6 +165,7 @@ def main(argv=None) -> int:
                 res = [bisect_once(*graphs[s % len(graphs)], method, p, n, s, args.lockstep) for s in range(args.seeds)]
                 row = {"p": p, "N": n, "method": method,
                        "right": sum(r["right"] for r in res) / len(res),
+                       "wrong": sum(r["wrong"] for r in res) / len(res),
                        "runs": sum(r["runs"] for r in res) / len(res), "runs95": pct([r["runs"] for r in res], 0.95),
                        "rounds": sum(r["rounds"] for r in res) / len(res),
                        "rounds95": pct([r["rounds"] for r in res], 0.95),
@@ -168,8 +173,8 @@ def main(argv=None) -> int:
                        "wall": sum(r["wall"] for r in res) / len(res)}
                 rows.append(row)
                 bound = f"ceil(log{n + 1} M)+1 = {math.ceil(math.log(m, n + 1)) + 1}" if method == "bisect" and p == 1 else ""
-                print(f"{p:>4} {n:>2} {method:<8} {row['right']:>7.1%} {row['runs']:>6.1f} {row['runs95']:>4} "
-                      f"{row['rounds']:>6.1f} {row['rounds95']:>4} {row['wall']:>6.1f}  {bound}", flush=True)
+                print(f"{p:>4} {n:>2} {method:<8} {row['right']:>7.1%} {row['wrong']:>6.1%} {row['runs']:>6.1f} {row['runs95']:>4} "
+                      f"{row['rounds']:>6.1f} {row['rounds95']:>4} {row['rounds_max']:>4} {row['wall']:>6.1f}  {bound}", flush=True)
     print(f"({time.time() - t0:.0f} s)")
     return 0
 
