@@ -1,6 +1,7 @@
 """The deterministic search against REAL `git bisect` on generated repositories with merges,
 skipped stretches, --first-parent and pathspec limits: the same culprit, or the same set."""
 
+import math
 import random
 import subprocess
 
@@ -109,6 +110,9 @@ def ours(graph, verdict, hosts=1):
         for c in batch:
             s.record(c, verdict(c), "h")
     a = s.answer()
+    if hosts == 1:  # git's cost: about log2 of the range, plus the skipped commits tried
+        skips = sum(1 for line in a.log if line.startswith("skip"))
+        assert a.runs - skips <= math.ceil(math.log2(graph.n)) + 3, a.log
     return a.culprit, (None if a.culprit else set(a.candidates))
 
 
