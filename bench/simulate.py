@@ -7,6 +7,8 @@ N hosts with different step times, and an event-driven clock. Each cell is many 
     python bench/simulate.py                 # the full table (1000 bisects per cell, 10,000 commits)
     python bench/simulate.py --quick         # a smoke test (seconds)
 
+The full table and how to read it: bench/README.md.
+
 Methods, all driving fleetbisect.search:
   bisect   the deterministic k-ary search trusting every single result (with 1 host: git bisect)
   repeat3  the same, each test up to 3 boots on its host, bad on any failure (ktest's BISECT_TRIES)
