@@ -213,3 +213,36 @@ def test_run_finds_the_culprit_through_libvirt_and_the_domain_comes_back(
     p = fleetbisect("resume", str(run_dir))
     assert p.returncode == 0, p.stderr
     assert lab_domain.dumpxml() == before
+
+
+def test_a_disk_image_converted_onto_the_domains_disk_is_its_root_and_the_domain_comes_back(
+    lab_repo, lab_domain, lab_host, assets, tree, ssh, tmp_path
+):
+    """The field case's way (`demo --target libvirt --image`): the commit's guest built as a
+    qcow2, pushed, converted to raw on the host, the domain's disk pointed at it; the guest's
+    root is that disk; the user's domain is defined as it was afterwards."""
+    import yaml
+
+    from fleetbisect.config.playbook import load_playbook
+    from fleetbisect.lab.demo import image_playbook, lab_playbook
+    from fleetbisect.step import Lab, run_step
+    from fleetbisect.ui import UI
+    from fleetbisect.verdict import Verdict
+
+    path = image_playbook(lab_playbook(), tmp_path / "image.yaml")
+    data = yaml.safe_load(path.read_text())
+    data["reproducer"] = {"kind": "command", "timeout": "30s",
+                          "command": "grep -q '^/dev/vda / ext4 rw' /proc/mounts && cat /etc/fleetbisect/on-disk"}
+    path.write_text(yaml.safe_dump(data))
+    host_cfg, _ = libvirt_host(lab_host, assets, tmp_path, {"kind": "libvirt", "domain": lab_domain.name},
+                               lab_domain.port)
+    before = lab_domain.dumpxml()
+    sha = lab_repo.shas[3]
+    tree.checkout(sha)
+    rec = run_step(Lab(tree.path, host_cfg, load_playbook(path), UI(quiet=True)), 1, sha, "s", tmp_path / "steps" / "a")
+    assert rec.verdict is Verdict.GOOD, (rec.reason, rec.outcomes)
+    assert rec.pushed["image"] > 0 and rec.release.endswith(f"-fb{sha[:12]}")
+    assert f"file='{host_cfg.work_dir}/disk.raw'" in (tmp_path / "steps" / "a" / "domain.xml").read_text().replace('"', "'")
+    assert "the guest's root is the disk image" in (tmp_path / "steps" / "a" / "reproducer.log").read_text()
+    for_host(host_cfg, load_playbook(path)).restore(ssh, Deadline.after(120))
+    assert lab_domain.dumpxml() == before
