@@ -54,7 +54,7 @@ def libvirt_host(lab_host, assets, tmp_path, target: dict, guest_port: int | Non
 
 
 def playbook(cmdline="console=ttyS0 panic=-1"):
-    return types.SimpleNamespace(boot=types.SimpleNamespace(cmdline=cmdline, memory=512, cpus=1))
+    return types.SimpleNamespace(boot=types.SimpleNamespace(cmdline=cmdline, memory=512, cpus=1), disk_image=None)
 
 
 def boot_once(target, ssh, artifacts, step_dir: Path) -> str:
