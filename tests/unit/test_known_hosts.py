@@ -89,8 +89,7 @@ def test_host_patterns(hosts, name, expected):
 
 
 def test_hashed_names_as_openssh_writes_them(tmp_path):
-    if not shutil.which("ssh-keygen"):
-        pytest.skip("ssh-keygen not installed")
+    assert shutil.which("ssh-keygen"), "ssh-keygen missing: .ci/setup installs openssh-client"
     kh = tmp_path / "known_hosts"
     kh.write_text(f"[127.0.0.1]:2222 {KEY_A}\nplain.example {KEY_A}\n")
     subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(kh)], check=True, capture_output=True)
@@ -228,8 +227,7 @@ def test_openssh_config_trusts_exactly_what_paramiko_trusts(tmp_path, monkeypatc
         f"fleetbisect-hop-1 {kb}", f"@revoked fleetbisect-hop-1 {kb}",
         f"fleetbisect-target {ka}", f"@revoked fleetbisect-target {kb}",
     ]
-    if not shutil.which("ssh"):
-        pytest.skip("OpenSSH client not installed")
+    assert shutil.which("ssh"), "ssh missing: .ci/setup installs openssh-client"
     # what OpenSSH makes of it (ssh -G: evaluate the config, connect nowhere)
     config = tmp_path / "for-openssh"
     config.write_text(text)
