@@ -8,6 +8,9 @@
           kind: qemu
           guest: {address: 127.0.0.1, port: 10022, host_key: /etc/fleetbisect/guest_key.pub}
 
+    groups:
+      rack1: [prime-radiant, trantor]       # `fleetbisect run --group rack1`
+
 An inventory is one or more YAML files (a directory means every *.yaml/*.yml in it). A host
 may be defined once only; a second definition is an error naming both files.
 """
@@ -99,11 +102,23 @@ class InventoryFile(Strict):
 
     hosts: dict[Annotated[str, StringConstraints(pattern=NAME)], Host] = Field(
         default_factory=dict, json_schema_extra={"additionalProperties": False})
+    # Named sets of hosts for `run --group NAME` (members are hosts of any inventory file).
+    groups: dict[Annotated[str, StringConstraints(pattern=NAME)],
+                 list[Annotated[str, StringConstraints(pattern=NAME)]]] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False})
 
 
 class Inventory:
-    def __init__(self, hosts: dict[str, Host]):
+    def __init__(self, hosts: dict[str, Host], groups: dict[str, list[str]] | None = None):
         self.hosts = hosts
+        self.groups = groups or {}
+
+    def group(self, name: str) -> list[Host]:
+        try:
+            return [self.hosts[h] for h in self.groups[name]]
+        except KeyError:
+            known = ", ".join(sorted(self.groups)) or "none"
+            raise UserError(f"unknown group {name!r} (the inventory has: {known})") from None
 
     def host(self, name: str) -> Host:
         try:
@@ -130,6 +145,7 @@ def load_inventory(paths: list[Path]) -> Inventory:
     """Load and validate every file; all problems of all files are reported at once, by file
     and line: a broken host or an unknown key hides nothing else."""
     hosts: dict[str, Host] = {}
+    groups: dict[str, tuple[Path, Lines, list]] = {}
     problems: list[str] = []
     for path in inventory_files(paths):
         try:
@@ -138,9 +154,40 @@ def load_inventory(paths: list[Path]) -> Inventory:
             problems += e.problems
             continue
         problems += _load_file(path, data, lines, hosts)
+        problems += _load_groups(path, data, lines, groups)
+    for name, (path, lines, members) in groups.items():  # members may live in any file
+        for i, member in enumerate(members):
+            if member not in hosts:
+                loc = ("groups", name, i)
+                problems.append(Problem(path, lines.line(loc) or lines.line(loc[:2]), loc,
+                                        f"no host {member!r} in the inventory"))
     if problems:
         raise ConfigError(sort_problems(problems))
-    return Inventory(hosts)
+    return Inventory(hosts, {name: list(m) for name, (_, _, m) in groups.items()})
+
+
+def _load_groups(path: Path, data, lines: Lines, groups: dict) -> list[str]:
+    """The `groups:` of one file into `groups` (name -> (file, lines, members)); its problems."""
+    raw = data.get("groups") if isinstance(data, dict) else None
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        return [Problem(path, lines.line(("groups",)), ("groups",), "expected a mapping of group names")]
+    problems = []
+    for name, members in raw.items():
+        loc = ("groups", name)
+        line = lines.line(loc)
+        if not isinstance(name, str) or not re.match(NAME, name):
+            problems.append(Problem(path, line, loc, "a group name is letters, digits, '.', '_', '-'"))
+        elif name in groups:
+            problems.append(Problem(path, line, loc, f"already defined in {groups[name][0]}"))
+        elif not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            problems.append(Problem(path, line, loc, "expected a list of host names"))
+        elif len(set(members)) != len(members):
+            problems.append(Problem(path, line, loc, "a host is listed twice"))
+        else:
+            groups[name] = (path, lines, members)
+    return problems
 
 
 def _load_file(path: Path, data, lines: Lines, hosts: dict[str, Host]) -> list[str]:
@@ -149,8 +196,9 @@ def _load_file(path: Path, data, lines: Lines, hosts: dict[str, Host]) -> list[s
         return []
     if not isinstance(data, dict):
         return [Problem(path, lines.line(()) or 1, (), "expected a mapping with `hosts:`")]
-    problems = [Problem(path, lines.line((key,)), (key,), "unknown field (a typo?) - an inventory file has `hosts:`")
-                for key in data if key != "hosts"]
+    problems = [Problem(path, lines.line((key,)), (key,),
+                        "unknown field (a typo?) - an inventory file has `hosts:` and `groups:`")
+                for key in data if key not in ("hosts", "groups")]
     entries = data.get("hosts")
     if entries is None:
         return problems

@@ -200,6 +200,15 @@ class Policy(Strict):
     # After the search, retest the culprit (must be bad) and its parent (must be good) this
     # many times each; 0 trusts the search.
     confirm: int = Int(0, 10, 1)
+    # Which search picks the commits: auto is git's bisect on one host, kary on several, bayes
+    # when the reproducer is flaky. `--search` on the command line overrides it.
+    search: Literal["auto", "bisect", "kary", "bayes"] = "auto"
+    # The reproducer catches the bug only on some boots of a bad kernel: each run is its own
+    # boot (repeats stay inside it), the hit rate is calibrated first, the answer has a confidence.
+    flaky: StrictBool = False
+    confidence: float = Field(0.99, gt=0.5, lt=1, strict=True)  # stop when the top candidate has it
+    budget: int | None = Int(1, 10000, None)  # at most this many runs of the search (flaky)
+    calibrate: int = Int(2, 100, 8)  # runs of the bad end before a flaky search (the good end: half)
     outcomes: dict[OutcomeKind, Literal["good", "bad", "skip", "retry", "abort"]] = Field(default_factory=dict)
 
     @field_validator("outcomes")

@@ -57,6 +57,7 @@ class Search(ABC):
         self.graph = graph
         self.options = dict(options)
         self.events: list[tuple] = []  # ("started", c, host) | ("record", c, result, host) | ("cancel", c)
+        # | ("withdraw", c, host)
         self.in_flight: dict[str, list[str]] = {}  # commit -> hosts testing it
         self.runs = 0
         self.log: list[str] = []
@@ -96,6 +97,16 @@ class Search(ABC):
             self.log.append(f"cancel {commit[:12]} on {', '.join(h or '?' for h in hosts)}: its result no longer matters")
         return out
 
+    def withdraw(self, commit: str, host: str) -> None:
+        """`host` will not report on `commit` (it was set aside, or the step could not run): the
+        commit is no longer in flight there, and nothing was learnt."""
+        self.events.append(("withdraw", commit, host))
+        hosts = self.in_flight.get(commit, [])
+        if host in hosts:
+            hosts.remove(host)
+        if not hosts:
+            self.in_flight.pop(commit, None)
+
     def upcoming(self, limit: int = 4) -> list[str]:
         """Commits the search may ask for once the tests in flight come back, either way: what a
         build-ahead can build now so that no host waits for a build. Not in flight, no repeats."""
@@ -127,6 +138,8 @@ class Search(ABC):
                 s.started(args[0], args[1])
             elif kind == "record":
                 s.record(args[0], args[1], args[2] if len(args) > 2 else None)
+            elif kind == "withdraw":
+                s.withdraw(args[0], args[1])
             elif kind == "cancel":
                 s.in_flight.pop(args[0], None)
                 s.events.append(("cancel", args[0]))
