@@ -221,8 +221,13 @@ class RunState:
     decided: dict[str, dict] = field(default_factory=dict)  # commit -> step record (verdict)
     marks: list[tuple[str, str]] = field(default_factory=list)  # (commit, verdict) in order
     steps: list[dict] = field(default_factory=list)  # finished step records in order
-    interrupted_step: dict | None = None  # a step started and not finished
+    interrupted_step: dict | None = None  # a step started and not finished (the last one)
     finished: dict | None = None  # the run-finished event, unless the run was resumed after it
+    # Several hosts: the steps started and not finished (index -> step-started event, with its
+    # host), the hosts set aside (host -> why), and the highest step index used so far.
+    in_flight: dict[int, dict] = field(default_factory=dict)
+    set_aside: dict[str, str] = field(default_factory=dict)
+    last_index: int = 0
 
     @property
     def final(self) -> bool:
@@ -238,17 +243,27 @@ def replay(events: list[dict]) -> RunState:
             state.config = e["config"]
         elif kind == "step-started":
             current = e
+            state.in_flight[e.get("index", 0)] = e
+            state.last_index = max(state.last_index, e.get("index", 0))
         elif kind == "step-finished":
-            rec = e["record"]
+            rec = e["record"] if "host" not in e else {**e["record"], "host": e["host"]}
             state.steps.append(rec)
             if rec.get("role", "bisect") in CACHED_ROLES:
                 state.decided[rec["commit"]] = rec
+            state.in_flight.pop(rec.get("index"), None)
             current = None
+        elif kind == "step-cancelled":  # its result no longer mattered: nothing was learnt
+            state.in_flight.pop(e.get("index"), None)
+            current = None
+        elif kind == "host-set-aside":
+            state.set_aside[e["host"]] = e.get("reason", "")
         elif kind == "marked":
             state.marks.append((e["commit"], e["verdict"]))
         elif kind == "run-finished":
             state.finished = e
         elif kind == "resumed":  # an aborted run taken up again is not finished any more
             state.finished = None
-    state.interrupted_step = current
+            state.in_flight.clear()  # the dead controller's steps in flight are tested again
+            state.set_aside.clear()  # a new controller gives every host another chance
+    state.interrupted_step = current or (list(state.in_flight.values())[-1] if state.in_flight else None)
     return state

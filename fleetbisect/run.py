@@ -33,7 +33,8 @@ from .stages.build import kill_orphan_build
 from .stages.ready import kernel_identity
 from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, run_step
 from .ui import UI, log_to_file
-from .verdict import BUILD_KINDS, Verdict, never_ran
+from .runrules import SetupWatch, endpoint_problem
+from .verdict import Verdict
 
 
 def controller() -> dict:
@@ -357,7 +358,7 @@ class _Run:
         self.spec, self.state, self.lab = spec, state, lab
         self.journal, self.report, self.bisect, self.hooks, self.ui = journal, report, bisect, hooks, ui
         self.playbook = lab.playbook
-        self.setup = _SetupWatch()
+        self.setup = SetupWatch()
         for rec in state.steps:
             self.setup.saw(StepRecord.from_json(rec))
 
@@ -409,26 +410,9 @@ class _Run:
         try:
             for commit, want, role in ((self.spec.good, Verdict.GOOD, "endpoint-good"),
                                        (self.spec.bad, Verdict.BAD, "endpoint-bad")):
-                record = self._step(commit, role, checkout=True)
-                if record.verdict is not want and record.verdict is not Verdict.ABORT and never_ran(record.outcomes):
-                    self.report.status = "setup-error"
-                    self.report.message = (
-                        f"the {role.removeprefix('endpoint-')} endpoint {commit[:12]} could not be tested: "
-                        f"{record.reason}. The kernel never ran, so this is the setup (inventory, "
-                        "playbook, host), not the commit: fix it and start the run again."
-                    )
-                    return False
-                if record.verdict is Verdict.ABORT:
-                    self.report.status = "aborted"
-                    self.report.message = f"the {role.removeprefix('endpoint-')} endpoint {commit[:12]} could not be tested: {record.reason}"
-                    return False
-                if record.verdict is not want:
-                    self.report.status = "endpoint-failed"
-                    self.report.message = (
-                        f"the {role.removeprefix('endpoint-')} endpoint {commit[:12]} tested "
-                        f"{record.verdict.value}, not {want.value} ({record.reason}); bisecting this "
-                        "range would name a random commit. Check the range and the playbook."
-                    )
+                problem = endpoint_problem(self._step(commit, role, checkout=True), want, role)
+                if problem:
+                    self.report.status, self.report.message = problem
                     return False
             return True
         finally:
@@ -473,36 +457,6 @@ class _Run:
         self.hooks.fire("verdict", commit=commit, verdict=record.verdict.value, reason=record.reason,
                         subject=record.subject, role=role)
         return record
-
-
-class _SetupWatch:
-    """Tells a setup mistake from commits that fail: when the steps of a run fail the same way
-    before the built kernel could run (a refused tunnel, a QEMU that prints nothing, the wrong
-    kernel every time) and no kernel has run yet, skipping commit after commit would only hide
-    it. Build failures say nothing either way (a broken stretch of history is normal)."""
-
-    REPEATS = 2
-
-    def __init__(self) -> None:
-        self.kernel_ran = False
-        self.streak: list[str] = []
-
-    def saw(self, record: StepRecord) -> None:
-        if record.verdict is Verdict.ABORT or all(o.kind in BUILD_KINDS for o in record.outcomes):
-            return
-        sig = never_ran(record.outcomes)
-        if sig is None:
-            self.kernel_ran, self.streak = True, []
-        else:
-            self.streak.append(sig)
-
-    def mistake(self) -> str | None:
-        last = self.streak[-self.REPEATS:]
-        if self.kernel_ran or len(last) < self.REPEATS or len(set(last)) != 1:
-            return None
-        return (f"the last {self.REPEATS} steps failed the same way before the kernel could run "
-                f"({last[0]}) and no kernel has run in this run: a setup mistake (inventory, "
-                "playbook, host), not the commits. Fix it and start the run again.")
 
 
 def _decided(state: RunState, commit: str, ui: UI) -> StepRecord | None:

@@ -17,7 +17,7 @@ from fleetbisect.remote.base import RemoteError, Result
 from fleetbisect.remote.fake import FakeRemote
 from fleetbisect.report import Report, answer_line
 from fleetbisect.reproducers import ReproContext, guest_lost
-from fleetbisect.run import _SetupWatch
+from fleetbisect.runrules import SetupWatch as _SetupWatch
 from fleetbisect.stages.build import build
 from fleetbisect.step import StepRecord, reproduce
 from fleetbisect.verdict import Outcome, OutcomeKind, Verdict, decide, never_ran
