@@ -33,8 +33,16 @@ def default_inventory() -> list[Path]:
     return found
 
 
-def _add_target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", required=True, help="host name from the inventory")
+def _add_target_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    if many:  # `run`: one host, several, or an inventory group
+        p.add_argument("--host", action="append", default=[], dest="hosts",
+                       help="host name from the inventory (repeatable: one executor per host)")
+        p.add_argument("--group", action="append", default=[], help="every host of an inventory group")
+        p.add_argument("--search", choices=("auto", "bisect", "kary", "bayes"),
+                       help="which commits to test next: git's bisect (one host), kary (several hosts), "
+                       "bayes (a flaky reproducer); default: the playbook's policy.search (auto)")
+    else:
+        p.add_argument("--host", required=True, help="host name from the inventory")
     p.add_argument("--playbook", required=True, type=Path, help="playbook YAML file")
     p.add_argument(
         "--inventory", action="append", type=Path,
@@ -66,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **kw: add_parser(*a, parents=[common], **kw)  # type: ignore[method-assign]
 
     p = sub.add_parser("run", help="bisect a range end to end and report the first bad commit")
-    _add_target_args(p)
+    _add_target_args(p, many=True)
     p.add_argument("--repo", type=Path, default=Path("."), help="kernel git repository (default: .)")
     p.add_argument("--good", required=True, help="a commit known to be good")
     p.add_argument("--bad", required=True, help="a commit known to be bad")
@@ -200,6 +208,12 @@ def _load(args):
         problems += e.problems
     if problems:
         raise ConfigError(problems)
+    if hasattr(args, "hosts"):  # `run`: every --host and every host of each --group, in order
+        hosts = [inventory.host(h) for h in args.hosts] + [h for g in args.group for h in inventory.group(g)]
+        hosts = list({h.name: h for h in hosts}.values())
+        if not hosts:
+            raise UserError("name the host(s) to run on: --host NAME (repeatable) or --group NAME")
+        return hosts, playbook
     return inventory.host(args.host), playbook
 
 
@@ -213,11 +227,12 @@ def cmd_run(args, ui: UI) -> int:
         if not sep or event not in EVENTS or not command.strip():
             raise UserError(f"--hook {h!r}: expected EVENT=COMMAND with EVENT one of {', '.join(EVENTS)}")
         hooks.setdefault(event, []).append(command)
-    host, playbook = _load(args)
-    run_dir = args.run_dir or state_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{host.name}"
+    hosts, playbook = _load(args)
+    name = hosts[0].name + (f"+{len(hosts) - 1}" if len(hosts) > 1 else "")
+    run_dir = args.run_dir or state_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
     with ui.live():
         report = start_run(
-            repo=args.repo, good=args.good, bad=args.bad, host=host,
+            repo=args.repo, good=args.good, bad=args.bad, host=hosts[0], hosts=hosts, search=args.search,
             inventory=args.inventory or default_inventory(), playbook=playbook,
             playbook_path=args.playbook, run_dir=run_dir, ui=ui,
             check_endpoints=False if args.no_endpoint_check else None, hooks=hooks,

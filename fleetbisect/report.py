@@ -36,6 +36,12 @@ class Report:
     # How the running kernel was proved to be the build: verified | release-only | not-verified
     kernel_identity: str = "verified"
     kernel_identity_note: str = ""
+    # A search other than git's bisect (several hosts, a flaky reproducer)
+    search: str = "bisect"
+    search_answer: dict | None = None  # search.Answer: confidence, runs, runner-up, log
+    calibration: dict | None = None  # flaky: the bad end's hit rate and its interval
+    set_aside: dict[str, str] = field(default_factory=dict)  # host -> why it was set aside
+    step_hosts: dict[int, str] = field(default_factory=dict)  # step index -> host that ran it
 
     def to_json(self) -> dict:
         return {
@@ -58,7 +64,11 @@ class Report:
             "kernel_identity_note": self.kernel_identity_note,
             "candidates": self.candidates,
             "bisect_log": "bisect.log",
-            "steps": [s.to_json() for s in self.steps],
+            "search": self.search,
+            "search_answer": self.search_answer,
+            "calibration": self.calibration,
+            "set_aside": self.set_aside,
+            "steps": [{**s.to_json(), "host": self.step_hosts.get(s.index, self.host)} for s in self.steps],
         }
 
     def write(self) -> Path:
@@ -90,19 +100,38 @@ def render_markdown(data: dict) -> str:
         f"- running kernel checked: {data.get('kernel_identity', '?')} ({data.get('kernel_identity_note', '')})",
         f"- started {data['started']}, {data['elapsed']:.0f}s, {len(data['steps'])} steps",
         "",
-        "| # | commit | verdict | why | " + " | ".join(STAGES) + " | evidence |",
-        "|---|---|---|---|" + "---|" * len(STAGES) + "---|",
+    ]
+    out += _search_lines(data)
+    out += [
+        "| # | host | commit | verdict | why | " + " | ".join(STAGES) + " | evidence |",
+        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|",
     ]
     for s in data["steps"]:
         durs = " | ".join(f"{s['durations'][k]:.1f}s" if k in s["durations"] else "" for k in STAGES)
         ev = " ".join(f"[{Path(e).name}]({e})" for e in s["evidence"])
         reason = s["reason"].replace("|", "\\|")
         role = "" if s.get("role", "bisect") == "bisect" else f" ({s['role']})"
-        out.append(f"| {s['index']} | `{s['commit'][:12]}` {s['subject']}{role} | {s['verdict']} | {reason} | "
+        out.append(f"| {s['index']} | {s.get('host', '')} | `{s['commit'][:12]}` {s['subject']}{role} | {s['verdict']} | {reason} | "
                    f"{durs} | {ev} |")
     out += _culprit_evidence(data)
     out += ["", "## git bisect log", "", "```", data.get("bisect_log_text", "").rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _search_lines(data: dict) -> list[str]:
+    """The search's answer (confidence, runs, runner-up), the calibration, the hosts set aside."""
+    out = []
+    ans, cal = data.get("search_answer"), data.get("calibration")
+    if ans:
+        out.append(f"- search: {data.get('search')}, {ans['runs']} runs; confidence {ans['confidence']:.4f}"
+                   + (f"; runner-up `{ans['runner_up'][:12]}`" if ans.get("runner_up") else ""))
+    if cal:
+        out.append(f"- reproducer hit rate on the bad end: {cal['hit_rate']:.2f} ({cal['failures']}/{cal['runs']} "
+                   f"runs failed; {cal['level']:.0%} interval {cal['low']:.2f}-{cal['high']:.2f}); the good end "
+                   f"passed {cal['good_runs']} of {cal['good_runs']}")
+    for host, why in (data.get("set_aside") or {}).items():
+        out.append(f"- host {host} set aside: {why}")
+    return out + ([""] if out else [])
 
 
 def _culprit_evidence(data: dict) -> list[str]:
@@ -237,7 +266,9 @@ def status(run_dir: Path) -> str:
     last = events[-1] if events else {}
     holder = holder_of(run_dir) or next(
         (e.get("controller") for e in reversed(events) if e.get("controller")), None) or {}
-    lines = [f"run {state.config.get('run_id', '?')} on {state.config.get('host', '?')}: "
+    lines = [f"run {state.config.get('run_id', '?')} on "
+             f"{', '.join(state.config.get('hosts') or [state.config.get('host', '?')])}"
+             f"{' (' + state.config['search'] + ' search)' if state.config.get('search', 'bisect') != 'bisect' else ''}: "
              f"{len(state.steps)} steps done, {len(state.marks)} marks"]
     now = time.time()
     last_at = (f"last event {last.get('event')} at "
@@ -262,7 +293,19 @@ def status(run_dir: Path) -> str:
         lines.append(f"finished: {state.finished.get('status')}: {state.finished.get('message', '')}")
     else:
         lines.append(state_line)
-        if state.interrupted_step:
+        hosts = [h for h in (state.config.get("hosts") or []) if h]
+        if hosts:  # several hosts (or a search of its own): where each one is
+            busy = {e.get("host"): e for e in state.in_flight.values()}
+            done = {}
+            for r in state.steps:
+                done[r.get("host")] = done.get(r.get("host"), 0) + 1
+            for h in hosts:
+                e = busy.get(h)
+                now_doing = (f"step {e['index']} {e['commit'][:12]} ({e.get('role', 'bisect')})"
+                             + (" running" if alive else " started, not finished") if e else "idle")
+                why = state.set_aside.get(h)
+                lines.append(f"  {h}: {done.get(h, 0)} steps done; " + (f"set aside: {why}" if why else now_doing))
+        elif state.interrupted_step:
             lines.append(f"step {state.interrupted_step['index']} ({state.interrupted_step['commit'][:12]}) "
                          "was started and not finished" + (": resume tests it again" if alive is False else ""))
         if alive is False:

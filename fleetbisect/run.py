@@ -80,6 +80,10 @@ class RunSpec:
     check_endpoints: bool = True
     hooks: dict[str, list[str]] = field(default_factory=dict)  # from the command line
     host_fingerprint: dict[str, str] | None = None  # None: a run started before it was kept
+    # Several hosts or a search of its own (fleet.py): every host, and the search's name.
+    hosts: list[str] = field(default_factory=list)  # empty: just `host`
+    search: str = "bisect"
+    host_fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -87,7 +91,8 @@ class RunSpec:
             "host": self.host, "inventory": [str(p) for p in self.inventory],
             "playbook": str(self.playbook), "playbook_digest": self.playbook_digest,
             "check_endpoints": self.check_endpoints, "hooks": self.hooks,
-            "host_fingerprint": self.host_fingerprint,
+            "host_fingerprint": self.host_fingerprint, "hosts": self.hosts, "search": self.search,
+            "host_fingerprints": self.host_fingerprints,
         }
 
     @classmethod
@@ -96,28 +101,45 @@ class RunSpec:
             d["run_id"], Path(d["repo"]), d["good"], d["bad"], d["host"],
             [Path(p) for p in d["inventory"]], Path(d["playbook"]), d["playbook_digest"],
             d.get("check_endpoints", True), d.get("hooks", {}), d.get("host_fingerprint"),
+            list(d.get("hosts") or []), d.get("search", "bisect"), dict(d.get("host_fingerprints") or {}),
         )
+
+    @property
+    def host_names(self) -> list[str]:
+        return self.hosts or [self.host]
 
 
 def start_run(
     *, repo: Path, good: str, bad: str, host, inventory: list[Path], playbook,
     playbook_path: Path, run_dir: Path, ui: UI, check_endpoints: bool | None = None,
-    hooks: dict[str, list[str]] | None = None,
+    hooks: dict[str, list[str]] | None = None, hosts: list | None = None, search: str | None = None,
+    lab_options: dict | None = None,
 ) -> Report:
-    """Bisect `good..bad` of `repo` on `host` in a new run directory."""
+    """Bisect `good..bad` of `repo` on `host` (or on every one of `hosts`) in a new run directory.
+    `search`: bisect | kary | bayes | auto (default: the playbook's policy.search)."""
+    from .fleet import search_name
+
     repo = repo.resolve()
+    hosts = hosts or [host]
+    if len({h.name for h in hosts}) != len(hosts):
+        raise UserError("a host is named twice: each host runs one step at a time")
+    name = search_name(search, playbook, len(hosts))
+    if name == "bisect" and len(hosts) > 1:
+        raise UserError("git's bisect tests one commit at a time on one host: use --search kary (or bayes) "
+                        "for several hosts")
     spec = RunSpec(
-        uuid.uuid4().hex[:12], repo, resolve(repo, good), resolve(repo, bad), host.name,
+        uuid.uuid4().hex[:12], repo, resolve(repo, good), resolve(repo, bad), hosts[0].name,
         [p.resolve() for p in inventory], playbook_path.resolve(), playbook.digest,
         playbook.policy.check_endpoints if check_endpoints is None else check_endpoints, hooks or {},
-        host_fingerprint(host),
+        host_fingerprint(hosts[0]), [h.name for h in hosts] if name != "bisect" else [], name,
+        {h.name: host_fingerprint(h) for h in hosts} if name != "bisect" else {},
     )
     me = controller()
     with RunLock(run_dir, {**me, "run_id": spec.run_id}) as lock:  # one controller per run directory
         if (run_dir / JOURNAL).exists():
             raise UserError(f"{run_dir} already holds a run: `fleetbisect resume {run_dir}` continues it")
         Journal(run_dir).append("run-started", config=spec.to_json(), controller=me)
-        return _drive(spec, RunState(), host, playbook, run_dir, ui, me, lock)
+        return _drive(spec, RunState(), hosts, playbook, run_dir, ui, me, lock, lab_options)
 
 
 def resume_run(run_dir: Path, ui: UI) -> Report:
@@ -140,7 +162,8 @@ def resume_run(run_dir: Path, ui: UI) -> Report:
         if state.final:
             _restore_finished(spec, me, ui)
             return _finished(spec, state, run_dir, ui)
-        host = load_inventory(spec.inventory).host(spec.host)
+        inventory = load_inventory(spec.inventory)
+        hosts = [inventory.host(h) for h in spec.host_names]
         playbook = load_playbook(spec.playbook)
         if playbook.digest != spec.playbook_digest:
             raise UserError(
@@ -148,7 +171,8 @@ def resume_run(run_dir: Path, ui: UI) -> Report:
                 f"was {spec.playbook_digest[:12]}): its verdicts would not mean the same; "
                 "restore the playbook or start a new run"
             )
-        _same_host(spec, host)
+        for h in hosts:
+            _same_host(spec, h)
         killed = kill_orphan_build(run_dir)  # under the lock: it is no live controller's build
         if killed:
             ui.warn(f"stopped a build the previous controller left running (pid {', '.join(map(str, killed))})")
@@ -156,7 +180,7 @@ def resume_run(run_dir: Path, ui: UI) -> Report:
             ui.info(f"{run_dir}: the run had stopped ({state.finished.get('status')}); continuing it")
         Journal(run_dir).append("resumed", decided=len(state.decided), marks=len(state.marks),
                                 controller=me)
-        return _drive(spec, state, host, playbook, run_dir, ui, me, lock)
+        return _drive(spec, state, hosts, playbook, run_dir, ui, me, lock)
 
 
 def _restore_finished(spec: RunSpec, me: dict, ui: UI) -> None:
@@ -183,10 +207,11 @@ def _restore_finished(spec: RunSpec, me: dict, ui: UI) -> None:
 def _same_host(spec: RunSpec, host) -> None:
     """Refuse an inventory entry that changed since the run started: the verdicts so far came
     from the machine and VM it described."""
-    if spec.host_fingerprint is None:
+    was = spec.host_fingerprints.get(host.name, spec.host_fingerprint if host.name == spec.host else None)
+    if was is None:
         return
     now = host_fingerprint(host)
-    changed = sorted(k for k in {*now, *spec.host_fingerprint} if now.get(k) != spec.host_fingerprint.get(k))
+    changed = sorted(k for k in {*now, *was} if now.get(k) != was.get(k))
     if changed:
         raise UserError(
             f"{host.source or 'the inventory'}: host {spec.host} changed since the run started "
@@ -220,67 +245,47 @@ def _finished(spec: RunSpec, state: RunState, run_dir: Path, ui: UI) -> Report:
     return report
 
 
-def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI, me: dict,
-           lock: RunLock) -> Report:
+def _drive(spec: RunSpec, state: RunState, hosts: list, playbook, run_dir: Path, ui: UI, me: dict,
+           lock: RunLock, lab_options: dict | None = None) -> Report:
+    names = spec.host_names
     with log_to_file(run_dir / "run.log"):
         journal = Journal(run_dir)
         report = Report(
-            run_dir, str(spec.repo), spec.good, spec.bad, spec.host, str(spec.playbook),
+            run_dir, str(spec.repo), spec.good, spec.bad, ", ".join(names), str(spec.playbook),
             spec.playbook_digest,
         )
+        report.search = spec.search
         report.steps = [StepRecord.from_json(s) for s in state.steps]
+        report.step_hosts = {s["index"]: s["host"] for s in state.steps if s.get("host")}
         report.kernel_identity, report.kernel_identity_note = kernel_identity(playbook)
         if report.kernel_identity != "verified":
             ui.warn(f"the running kernel's identity is {report.kernel_identity}: {report.kernel_identity_note}")
         report.write()
         hooks = Hooks(
             {e: [*getattr(playbook.hooks, e), *spec.hooks.get(e, [])] for e in EVENTS}, ui,
-            {"run_id": spec.run_id, "run_dir": str(run_dir), "host": spec.host}, run_dir / "hooks.log",
+            {"run_id": spec.run_id, "run_dir": str(run_dir), "host": ", ".join(names)}, run_dir / "hooks.log",
         )
         count = int(git(spec.repo, "rev-list", "--count", f"{spec.good}..{spec.bad}").stdout.strip() or 0)
-        ui.step(
-            f"bisecting {count} commits of {spec.repo} on {spec.host} (about "
-            f"{max(1, math.ceil(math.log2(max(count, 2))))} steps); run directory {run_dir}"
-        )
-        ui.event("run-started", run_id=spec.run_id, host=spec.host, commits=count,
-                 good=spec.good, bad=spec.bad, run_dir=str(run_dir))
+        if spec.search == "bisect":
+            ui.step(
+                f"bisecting {count} commits of {spec.repo} on {spec.host} (about "
+                f"{max(1, math.ceil(math.log2(max(count, 2))))} steps); run directory {run_dir}"
+            )
+            ui.event("run-started", run_id=spec.run_id, host=spec.host, commits=count,
+                     good=spec.good, bad=spec.bad, run_dir=str(run_dir))
+        else:
+            from .fleet import fleet_started
+
+            fleet_started(ui, spec, names, count, run_dir)
         if not state.steps:
             hooks.fire("start", good=spec.good, bad=spec.bad)
         started = time.monotonic()
         try:
-            with leased(host, spec.run_id, playbook.policy.retries, ui, me["token"], lock.heartbeat) as keeper:
-                # A controller that lost its lease records no decision: the next journal event
-                # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
-                journal.guard = keeper.check
-                bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper), journal, report, bisect, hooks, ui)
-                try:
-                    run.search()
-                except KeyboardInterrupt:
-                    journal.guard = None
-                    report.status = "interrupted"
-                    report.message = f"interrupted; `fleetbisect resume {run_dir}` continues the run"
-                    journal.append("interrupted")
-                    raise
-                except LeaseLost:
-                    pass  # below: aborted, with the reason
-                finally:
-                    journal.guard = None
-                    if keeper.lost and report.status == "running":
-                        report.status, report.message = "aborted", keeper.lost
-                    write_atomic(run_dir / "bisect.log", bisect.log())
-                    report.write()
-                    if report.status not in ("interrupted", "running"):  # "running": a bug escaped
-                        journal.append("run-finished", status=report.status, culprit=report.culprit,
-                                       confirmed=report.confirmed, message=report.message)
-                        hooks.fire("finish" if report.status == "found" else "failure", status=report.status,
-                                   culprit=report.culprit, message=report.message)
-                    ui.event("run-finished", status=report.status, culprit=report.culprit,
-                             confirmed=report.confirmed, message=report.message)
-                    bisect.finish(spec.repo, remove=report.status not in ("interrupted", "running"))
-                    if not keeper.lost:  # the host is ours: put back what the target changed
-                        _restore_target(host, playbook, ui)
-                    ui.detail(f"run took {time.monotonic() - started:.1f}s over {len(report.steps)} steps")
+            if spec.search == "bisect":
+                _bisect(spec, state, hosts[0], playbook, run_dir, ui, me, lock, journal, report, hooks)
+            else:
+                _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report, hooks, lab_options)
+            ui.detail(f"run took {time.monotonic() - started:.1f}s over {len(report.steps)} steps")
         except RunAborted as e:  # the host never answered: nothing was tested or marked
             if report.status == "running":
                 report.status, report.message = "aborted", str(e)
@@ -293,6 +298,70 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
     if report.status == "setup-error":
         raise RunAborted(report.message)
     return report
+
+
+def _finish(journal: Journal, report: Report, hooks: Hooks, ui: UI) -> None:
+    """The report written, and (unless interrupted) the journal's and the hooks' last word."""
+    report.write()
+    if report.status not in ("interrupted", "running"):  # "running": a bug escaped
+        journal.append("run-finished", status=report.status, culprit=report.culprit,
+                       confirmed=report.confirmed, message=report.message)
+        hooks.fire("finish" if report.status == "found" else "failure", status=report.status,
+                   culprit=report.culprit, message=report.message)
+    ui.event("run-finished", status=report.status, culprit=report.culprit,
+             confirmed=report.confirmed, message=report.message)
+
+
+def _interrupted(journal: Journal, report: Report) -> None:
+    journal.guard = None
+    report.status = "interrupted"
+    report.message = f"interrupted; `fleetbisect resume {report.run_dir}` continues the run"
+    journal.append("interrupted")
+
+
+def _bisect(spec, state, host, playbook, run_dir, ui, me, lock, journal, report, hooks) -> None:
+    """One host, git's own bisect."""
+    with leased(host, spec.run_id, playbook.policy.retries, ui, me["token"], lock.heartbeat) as keeper:
+        # A controller that lost its lease records no decision: the next journal event
+        # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
+        journal.guard = keeper.check
+        bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
+        run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper), journal, report, bisect, hooks, ui)
+        try:
+            run.search()
+        except KeyboardInterrupt:
+            _interrupted(journal, report)
+            raise
+        except LeaseLost:
+            pass  # below: aborted, with the reason
+        finally:
+            journal.guard = None
+            if keeper.lost and report.status == "running":
+                report.status, report.message = "aborted", keeper.lost
+            write_atomic(run_dir / "bisect.log", bisect.log())
+            _finish(journal, report, hooks, ui)
+            bisect.finish(spec.repo, remove=report.status not in ("interrupted", "running"))
+            if not keeper.lost:  # the host is ours: put back what the target changed
+                _restore_target(host, playbook, ui)
+
+
+def _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report, hooks, lab_options) -> None:
+    """A search of its own (kary, bayes) over one executor per host (fleet.py)."""
+    from .fleet import Fleet
+
+    fleet = Fleet(spec, state, hosts, playbook, run_dir, ui, journal, report, hooks, me["token"],
+                  leased=leased, lab_options=lab_options)
+    try:
+        fleet.run()
+    except KeyboardInterrupt:
+        _interrupted(journal, report)
+        raise
+    finally:
+        lock.heartbeat()
+        _finish(journal, report, hooks, ui)
+        for h in hosts:
+            if h.name not in fleet.aside:
+                _restore_target(h, playbook, ui)
 
 
 def _restore_target(host_cfg, playbook, ui: UI) -> None:

@@ -50,6 +50,8 @@ class Progress:
     step_started: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     verdicts: list[tuple[str, str]] = field(default_factory=list)  # (sha12, verdict)
+    # Several hosts: what each one does now (host -> [step, commit, stage, stage started]).
+    hosts: dict[str, list] = field(default_factory=dict)
 
     @property
     def steps_left(self) -> int:
@@ -146,6 +148,17 @@ class UI:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
         p = self.progress
+        host = data.get("host") if kind != "run-started" else None
+        if host:  # one line per host in the live view
+            now = p.hosts.setdefault(host, [0, "", "", 0.0])
+            if kind == "step-started":
+                now[:] = [data["index"], data["commit"], "", time.monotonic()]
+            elif kind == "stage-started":
+                now[2:] = [data["stage"], time.monotonic()]
+            elif kind == "step-finished":
+                now[2:] = [f"idle ({data['commit'][:12]} {data['verdict']})", time.monotonic()]
+            elif kind == "host-set-aside":
+                now[2:] = ["set aside", time.monotonic()]
         if kind == "run-started":
             p.host, p.commits, p.left = data["host"], data["commits"], data["commits"]
         elif kind == "step-started":
@@ -158,6 +171,10 @@ class UI:
             p.verdicts.append((data["commit"][:12], data["verdict"]))
             p.stage = ""
         self._refresh()
+
+    def for_host(self, host: str) -> "HostUI":
+        """This UI for an executor: its messages say the host, its events carry it."""
+        return HostUI(self, host)
 
     # --- live view and heartbeat -----------------------------------------------------------
 
@@ -200,12 +217,33 @@ class UI:
         table = Table.grid(padding=(0, 2))
         table.add_row(Text("host", style="dim"), p.host)
         table.add_row(Text("range", style="dim"), f"{p.commits} commits, ~{p.steps_left} steps left")
-        if p.step:
+        if len(p.hosts) > 1:
+            for host, (step, commit, stage, since) in sorted(p.hosts.items()):
+                table.add_row(Text(host, style="dim"),
+                              f"step {step} {commit[:12]} {stage} {time.monotonic() - since:.0f}s" if step else stage)
+        elif p.step:
             table.add_row(Text("now", style="dim"), p.line())
         if p.verdicts:
             shown = "  ".join(f"{c} {v}" for c, v in p.verdicts[-8:])
             table.add_row(Text("verdicts", style="dim"), shown)
         return Group(Text("fleetbisect", style="bold"), table)
+
+
+class HostUI:
+    """The run's UI as one host's executor sees it (several run at once)."""
+
+    def __init__(self, ui: UI, host: str):
+        self.ui, self.host = ui, host
+        self.quiet, self.json_events, self.console = ui.quiet, ui.json_events, ui.console
+
+    def event(self, kind: str, **data) -> None:
+        self.ui.event(kind, **{"host": self.host, **data})
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.ui, name)
+        if name in ("info", "step", "good", "warn", "error", "detail"):
+            return lambda text: fn(f"{self.host}: {text}")
+        return fn
 
 
 class _MaskingFormatter(logging.Formatter):
