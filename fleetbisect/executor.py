@@ -113,7 +113,7 @@ class Executor:
                     self.results.put(self._run(task, keeper))
         except RunAborted as e:  # never reached: nothing was tested
             self.results.put(Done(self.name, self.current, error=str(e)))
-        except Exception as e:  # noqa: BLE001 - the controller decides; a bug is never a verdict
+        except BaseException as e:  # noqa: BLE001 - the controller decides; a bug is never a verdict
             self.results.put(Done(self.name, self.current, error=f"{type(e).__name__}: {e}"))
         finally:
             git(self.repo, "worktree", "remove", "--force", str(self.tree), check=False)

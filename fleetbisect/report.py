@@ -293,23 +293,23 @@ def status(run_dir: Path) -> str:
         lines.append(f"finished: {state.finished.get('status')}: {state.finished.get('message', '')}")
     else:
         lines.append(state_line)
-        hosts = [h for h in (state.config.get("hosts") or []) if h]
-        if hosts:  # several hosts (or a search of its own): where each one is
-            busy = {e.get("host"): e for e in state.in_flight.values()}
-            done = {}
-            for r in state.steps:
-                done[r.get("host")] = done.get(r.get("host"), 0) + 1
-            for h in hosts:
-                e = busy.get(h)
-                now_doing = (f"step {e['index']} {e['commit'][:12]} ({e.get('role', 'bisect')})"
-                             + (" running" if alive else " started, not finished") if e else "idle")
-                why = state.set_aside.get(h)
-                lines.append(f"  {h}: {done.get(h, 0)} steps done; " + (f"set aside: {why}" if why else now_doing))
-        elif state.interrupted_step:
+        if state.interrupted_step and not state.config.get("hosts"):
             lines.append(f"step {state.interrupted_step['index']} ({state.interrupted_step['commit'][:12]}) "
                          "was started and not finished" + (": resume tests it again" if alive is False else ""))
         if alive is False:
             lines.append(f"continue with: fleetbisect resume {run_dir}")
+    hosts = [h for h in (state.config.get("hosts") or []) if h]
+    if hosts:  # several hosts (or a search of its own): where each one is
+        busy = {e.get("host"): e for e in state.in_flight.values()}
+        done = {}
+        for r in state.steps:
+            done[r.get("host")] = done.get(r.get("host"), 0) + 1
+        for h in hosts:
+            e = busy.get(h)
+            now_doing = (f"step {e['index']} {e['commit'][:12]} ({e.get('role', 'bisect')})"
+                         + (" running" if alive and not state.finished else " started, not finished") if e else "idle")
+            why = state.set_aside.get(h)
+            lines.append(f"  {h}: {done.get(h, 0)} steps done; " + (f"set aside: {why}" if why else now_doing))
     if note:
         lines.append(note)
     return "\n".join(lines)
