@@ -10,6 +10,7 @@ import json
 import posixpath
 import random
 import subprocess
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import fleetbisect.targets as targets_mod
 from fleetbisect.config.inventory import load_inventory
 from fleetbisect.config.playbook import load_playbook
 from fleetbisect.journal import read, replay
+from fleetbisect.remote.base import RemoteError, Result
 from fleetbisect.remote.fake import FakeRemote
 from fleetbisect.report import status
 from fleetbisect.run import resume_run, start_run
@@ -71,6 +73,9 @@ class World:
         self.rng = random.Random(7)
         self.hosts: dict[str, FakeHost] = {}
         self.boots: list[tuple[str, str]] = []  # (host, commit)
+        self.slow: str | None = None  # this host's reproducer runs until its VM is stopped (or 5 s)
+        self.vm_off: dict[str, threading.Event] = {}
+        self.cut_short = 0  # reproducer runs ended by a stopped VM
 
     def connect(self, cfg, deadline):
         return self.hosts.setdefault(cfg.name, FakeHost(cfg.name))
@@ -82,6 +87,8 @@ class World:
             kind = "fake"
 
             def stop(self, host, deadline):
+                if cfg.name in world.vm_off:
+                    world.vm_off[cfg.name].set()
                 return ""
 
             def deploy(self, host, artifacts, step_dir, deadline):
@@ -91,6 +98,7 @@ class World:
                 if cfg.name in world.broken:
                     raise TargetStartFailed(f"{cfg.name}: the fake refuses to start")
                 world.boots.append((cfg.name, self.sha))
+                world.vm_off[cfg.name] = threading.Event()
 
             def alive(self, host, deadline):
                 return True
@@ -103,6 +111,15 @@ class World:
                 guest.on("cat /release", stdout=f"6.1.0-fb{self.sha[:12]}\n")
                 fails = self.sha in world.bad and world.rng.random() < world.hit_rate
                 guest.on("stress", exit_status=1 if fails else 0, stdout="done\n")
+                if cfg.name == world.slow:
+                    off = world.vm_off[cfg.name]
+
+                    def slow(call):
+                        if off.wait(5):
+                            world.cut_short += 1
+                            raise RemoteError("guest", "connection lost: the VM was stopped")
+                        return Result(call.command, 1 if fails else 0, "done\n", "", 5.0)
+                    guest.on("stress", slow)
                 return guest
 
             def wait_off(self, host, seconds):
@@ -232,3 +249,18 @@ def test_resume_of_a_fleet_run_replays_the_search_and_retests_nothing_decided(tm
     assert report.status == "found" and report.culprit == shas[40]
     assert not tested & {c for _, c in world.boots}  # nothing decided was tested again
     assert len(report.steps) >= 4
+
+
+def test_a_test_that_no_longer_matters_is_cancelled_its_vm_stopped_and_the_host_reused(tmp_path, fleet):
+    shas, world, inventory, inv, playbook, pb = fleet(n=64, culprit=5, policy="{retries: 0, confirm: 0}")
+    world.slow = "c"  # c's reproducer takes "forever": a, b's results make its commit pointless first
+    report = run(tmp_path, shas, inventory, inv, playbook, pb, inventory.group("rack1"), check_endpoints=False)
+    assert report.status == "found" and report.culprit == shas[5], report.message
+    events, _ = read(tmp_path / "run")
+    cancelled = [e for e in events if e["event"] == "step-cancelled"]
+    assert any(e["host"] == "c" for e in cancelled)
+    assert world.cut_short >= 1  # the VM was stopped under the running reproducer
+    again = [e for e in events if e["event"] == "step-started" and e["host"] == "c"]
+    assert len(again) > 1  # the host got other work after a cancel
+    # A cancelled step is never a result: the search got none from c.
+    assert not [e for e in events if e["event"] == "observed" and e["host"] == "c"]
