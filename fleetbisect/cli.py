@@ -107,10 +107,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--commits", type=int, default=210, help="commits in the generated repo")
     p.add_argument("--seed", type=int, help="seed of the generated repo (default: random)")
     p.add_argument("--scenario", default="net-hang",
-                   choices=("net-hang", "panic", "oops-warning", "boot-slow", "console"),
+                   choices=("net-hang", "panic", "oops-warning", "boot-slow", "console", "flaky"),
                    help="which regression the lab seeds (default: net-hang)")
     p.add_argument("--target", default="qemu", choices=("qemu", "libvirt"),
                    help="what boots the guest: a QEMU per step, or a libvirt domain (default: qemu)")
+    p.add_argument("--hosts", type=int, default=1, choices=range(1, 8), metavar="N",
+                   help="VM hosts in the lab (each its own sshd and QEMU), bisecting together (default 1)")
     p.add_argument("--image", action="store_true",
                    help="build each commit's guest as a disk image (qcow2) that the host converts onto "
                    "the VM's disk, as a NixOS image build does")
@@ -297,7 +299,7 @@ def cmd_demo(args, ui: UI) -> int:
     base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     with ui.live():
         return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario, target=args.target,
-                    image=args.image)
+                    image=args.image, hosts=args.hosts)
 
 
 def cmd_report(args, ui: UI) -> int:

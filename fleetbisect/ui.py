@@ -205,8 +205,14 @@ class UI:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
-            if self.progress.step:
-                self._emit("", f"heartbeat: {self.progress.line()}")
+            p = self.progress
+            if len(p.hosts) > 1:
+                now = time.monotonic()
+                self._emit("", "heartbeat: " + "; ".join(
+                    f"{h} step {st} {c[:12]} {stage} {now - since:.0f}s" if st else f"{h} {stage}"
+                    for h, (st, c, stage, since) in sorted(p.hosts.items())))
+            elif p.step:
+                self._emit("", f"heartbeat: {p.line()}")
 
     def _refresh(self) -> None:
         if self._live:

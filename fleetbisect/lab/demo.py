@@ -67,11 +67,13 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", targe
 
 
 def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang",
-         target: str = "qemu", image: bool = False) -> int:
+         target: str = "qemu", image: bool = False, hosts: int = 1) -> int:
     """`target`: "qemu" (a QEMU the host starts per step) or "libvirt" (a domain the lab's
     libvirtd already has, booted with each step's kernel and put back exactly as it was).
     `image`: each commit's guest is built as a qcow2 disk image that the host converts onto
-    the VM's disk (the field case's NixOS image), beside the kernel it boots directly."""
+    the VM's disk (the field case's NixOS image), beside the kernel it boots directly.
+    `hosts`: that many VM hosts (each its own sshd and QEMU), bisecting together (kary search;
+    bayes for the flaky scenario)."""
     from .image import ensure_assets
     from .kernelrepo import generate_repo
     from .vmhost import LabHost
@@ -84,23 +86,30 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
     assets = ensure_assets()
     ui.step(f"lab: generating a kernel repo of {commits} commits (scenario {scenario}, seed {seed})")
     repo = generate_repo(base / "linux", assets, commits=commits, seed=seed, scenario=scenario)
+    if hosts > 1 and target != "qemu":
+        raise UserError("--hosts: the lab's extra VM hosts run QEMU (--target qemu)")
     with LabHost.start(base / "host", name="lab-host") as host, ExitStack() as stack:
         ui.step(f"lab: VM host lab-host is sshd on 127.0.0.1:{host.port}")
+        fleet = [host] + [stack.enter_context(LabHost.start(base / f"host{i}", name=f"lab-host{i}"))
+                          for i in range(2, hosts + 1)]
+        for extra in fleet[1:]:
+            ui.step(f"lab: VM host {extra.name} is sshd on 127.0.0.1:{extra.port}")
         domain = None
         if target == "libvirt":
             domain, extra = _libvirt_domain(base, assets, ui, stack)
             inventory = write_lab_inventory(base / "inventory.yaml", [host], assets, **extra)
             before = domain.dumpxml()
         else:
-            inventory = write_lab_inventory(base / "inventory.yaml", [host], assets)
+            inventory = write_lab_inventory(base / "inventory.yaml", fleet, assets)
         playbook_path = lab_playbook(scenario)
         if image:
             playbook_path = image_playbook(playbook_path, base / "playbook-image.yaml")
-        host_cfg = load_inventory([inventory]).host("lab-host")
+        loaded = load_inventory([inventory])
+        host_cfgs = [loaded.host(h.name) for h in fleet]
         playbook = load_playbook(playbook_path)
         report = start_run(
-            repo=repo.path, good=repo.good, bad=repo.bad, host=host_cfg, inventory=[inventory],
-            playbook=playbook, playbook_path=playbook_path, run_dir=base / "run", ui=ui,
+            repo=repo.path, good=repo.good, bad=repo.bad, host=host_cfgs[0], hosts=host_cfgs,
+            inventory=[inventory], playbook=playbook, playbook_path=playbook_path, run_dir=base / "run", ui=ui,
         )
         restored = domain is None or domain.dumpxml() == before
         if not restored:
@@ -114,6 +123,12 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
             f"found the seeded regression in {len(report.steps)} steps: "
             f"{report.culprit[:12]} {report.culprit_subject}"
         )
+        if report.search_answer and report.calibration:
+            ans, cal = report.search_answer, report.calibration
+            ui.good(f"confidence {ans['confidence']:.4f} after {ans['runs']} runs; the bad end failed "
+                    f"{cal['failures']}/{cal['runs']} boots (hit rate {cal['hit_rate']:.2f}, "
+                    f"{cal['level']:.0%} interval {cal['low']:.2f}-{cal['high']:.2f})"
+                    + (f"; runner-up {ans['runner_up'][:12]}" if ans.get("runner_up") else ""))
     else:
         ui.error(f"expected the seeded regression {seeded[:12]}, the run says: {report.message}")
     print(f"run directory: {report.run_dir}")

@@ -20,6 +20,9 @@ the guest runs at boot. From the culprit on, depending on the scenario:
                 log, found by the `dmesg` reproducer.
 - boot-slow:    the guest comes up seconds later (a probe waits at boot), caught by `boot-time`.
 - console:      the init-as-reproducer prints FAIL instead of PASS on the console.
+- flaky:        net-hang, but only on some boots: at boot the guest draws a byte from
+                /dev/urandom and arms the watcher with probability `flaky_p` (0.5), as in the
+                field, where some boots of a bad kernel hang and others never do.
 
 Extra seeded commits make a real bisect's life harder, as real trees do: a commit whose build
 fails (fixed by the next one) and one whose guest boots without an SSH server.
@@ -37,7 +40,7 @@ from pathlib import Path
 from ..errors import UserError
 from .image import LabAssets
 
-SCENARIOS = ("net-hang", "panic", "oops-warning", "boot-slow", "console")
+SCENARIOS = ("net-hang", "panic", "oops-warning", "boot-slow", "console", "flaky")
 
 MAKEFILE = r"""# The fleetbisect lab's "kernel". `make olddefconfig && make -j2`, with LOCALVERSION set.
 RELEASE := 6.1.0-lab$(LOCALVERSION)
@@ -115,6 +118,14 @@ limit=$(({mb} * 1024 * 1024))
 ) &
 """
 
+FLAKY_GATE = """#!/bin/sh
+# virtio_net: rx budget accounting, raced against the refill worker (seeded regression: the link
+# dies after {mb} MiB, on some boots only; decided here, once per boot)
+draw=$(od -An -N1 -tu1 /dev/urandom | tr -d ' ')
+[ "$draw" -lt {threshold} ] || exit 0
+echo "rx budget armed (draw $draw)" > /dev/kmsg
+"""
+
 PANIC_HOOK = """#!/bin/sh
 # virtio_net: probe cleanup (seeded regression: the kernel crashes at boot)
 echo 1 > /proc/sys/kernel/sysrq
@@ -180,6 +191,7 @@ def generate_repo(
     build_fails: list[int] | None = None,
     no_ssh: list[int] | None = None,
     scenario: str = "net-hang",
+    flaky_p: float = 0.5,
 ) -> LabRepo:
     if scenario not in SCENARIOS:
         raise UserError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
@@ -248,15 +260,21 @@ def generate_repo(
             no_ssh_file.write_text("seeded: this build's guest starts no SSH server\n")
             subject = f"{subsystem}: rework service startup ordering"
         if i == culprit:
-            subject, body = _seed(scenario, path, hooks, net_budget_mb, subsystem)
+            subject, body = _seed(scenario, path, hooks, net_budget_mb, subsystem, flaky_p)
         g.commit(subject, body=body, all_files=True)
     shas = g("rev-list", "--reverse", "HEAD").split()
     return LabRepo(path, shas[0], shas[-1], shas[culprit], shas, scenario)
 
 
-def _seed(scenario: str, path: Path, hooks: Path, net_budget_mb: int, subsystem: str) -> tuple[str, str]:
+def _seed(scenario: str, path: Path, hooks: Path, net_budget_mb: int, subsystem: str,
+          flaky_p: float = 0.5) -> tuple[str, str]:
     """Plant the regression; returns (subject, body) of the culprit commit."""
     trailer = "\n\nSeeded-regression: true\n"
+    if scenario == "flaky":  # the net-hang watcher, behind a draw made once per boot
+        watcher = NETBUDGET_HOOK.format(mb=net_budget_mb).split("\n", 2)[2]
+        _hook(hooks / "50-netbudget", FLAKY_GATE.format(mb=net_budget_mb, threshold=round(256 * flaky_p)) + watcher)
+        return ("virtio_net: account rx bytes from the refill worker too",
+                "Let the refill worker charge the NAPI budget; it races with the poll loop." + trailer)
     if scenario == "net-hang":
         _hook(hooks / "50-netbudget", NETBUDGET_HOOK.format(mb=net_budget_mb))
         return ("virtio_net: account rx bytes against the NAPI budget",
