@@ -68,7 +68,7 @@ class _Guard:
 
 class Executor:
     def __init__(self, host_cfg, playbook, repo: Path, run_dir: Path, run_id: str, token: str, ui,
-                 results: "queue.Queue[Done]", *, leased, lab_options: dict | None = None):
+                 results: "queue.Queue[Done]", *, leased):
         self.host, self.playbook, self.repo, self.run_dir = host_cfg, playbook, repo, run_dir
         self.name = host_cfg.name
         self.run_id, self.token, self.ui, self.results = run_id, token, ui, results
@@ -76,7 +76,6 @@ class Executor:
         self.inbox: "queue.Queue[Task | None]" = queue.Queue()
         self.current: Task | None = None
         self._leased = leased
-        self._lab_options = lab_options or {}
         self._thread = threading.Thread(target=self._main, name=f"executor-{self.name}", daemon=True)
         self.lab: Lab | None = None
 
@@ -105,7 +104,7 @@ class Executor:
         try:
             with self._leased(self.host, self.run_id, self.playbook.policy.retries, self.ui, self.token) as keeper:
                 self._worktree()
-                self.lab = Lab(self.tree, self.host, self.playbook, self.ui, lease=keeper, **self._lab_options)
+                self.lab = Lab(self.tree, self.host, self.playbook, self.ui, lease=keeper)
                 while True:
                     task = self.inbox.get()
                     if task is None:
@@ -145,14 +144,12 @@ class Executor:
     def _stop_vm(self) -> None:
         """The cancelled step's VM, stopped over a connection of its own (the step's own is busy)."""
         try:
-            make = self._lab_options.get("make_target") or targets.for_host
-            connect = self._lab_options.get("connect") or connect_host
-            conn = connect(self.host, Deadline.after(self.host.ssh.connect_timeout + 5))
+            conn = connect_host(self.host, Deadline.after(self.host.ssh.connect_timeout + 5))
         except RemoteError as e:
             self.ui.warn(f"{self.name}: could not reach the host to stop a cancelled step's VM: {e}")
             return
         try:
-            make(self.host, self.playbook).stop(conn, Deadline.after(60))
+            targets.for_host(self.host, self.playbook).stop(conn, Deadline.after(60))
         except Exception as e:  # noqa: BLE001 - the step's own cleanup stops it too
             self.ui.detail(f"{self.name}: stopping the cancelled step's VM: {e}")
         finally:

@@ -48,16 +48,19 @@ def search_name(requested: str | None, playbook, hosts: int) -> str:
 
 class Fleet:
     def __init__(self, spec, state: RunState, hosts: list, playbook, run_dir: Path, ui, journal: Journal,
-                 report: Report, hooks, token: str, *, leased, lab_options: dict | None = None):
+                 report: Report, hooks, token: str, *, leased, build_ahead: Callable[[list[str]], None] | None = None):
         self.spec, self.state, self.playbook, self.run_dir = spec, state, playbook, run_dir
         self.ui, self.journal, self.report, self.hooks = ui, journal, report, hooks
         self.results: "queue.Queue[Done]" = queue.Queue()
         self.executors = {
             h.name: Executor(h, playbook, spec.repo, run_dir, spec.run_id, token, ui.for_host(h.name), self.results,
-                             leased=leased, lab_options=lab_options)
+                             leased=leased)
             for h in hosts
         }
         self.idle = [h.name for h in hosts]
+        # Build-ahead (a builder of its own): told, after every dispatch, which commits the search
+        # may ask for once the tests in flight come back, either way.
+        self.build_ahead = build_ahead
         self.busy: dict[str, Task] = {}
         self.aside: dict[str, str] = {}
         self.failures: dict[str, int] = {}
@@ -105,8 +108,6 @@ class Fleet:
         role = "run" if self.flaky else "bisect"
         self.ui.step(f"{search.name} search over {graph.n} commits on {len(self.idle)} host(s): "
                      f"{', '.join(self.idle)}" + (f" (resumed after {len(done)} results)" if done else ""))
-        self.upcoming = search.upcoming  # for a builder: which commits may come next
-
         def want(n: int) -> list[tuple[str, str]]:
             return [(c, role) for c in search.propose(n)]
 
@@ -115,7 +116,7 @@ class Fleet:
             self.journal.append("observed", commit=task.commit, result=record.verdict.value, host=host)
 
         self._drain(want, take, started=search.started, withdraw=lambda t, h: search.withdraw(t.commit, h),
-                    cancel=search.cancel)
+                    cancel=search.cancel, upcoming=search.upcoming)
         write_logs(self.run_dir, search, self.spec)
         return search
 
@@ -224,7 +225,7 @@ class Fleet:
 
     # -- dispatch -------------------------------------------------------------------------------
     def _drain(self, want: Callable[[int], list[tuple[str, str]]], take, *, started=None, withdraw=None,
-               cancel=lambda: []) -> None:
+               cancel=lambda: [], upcoming=None) -> None:
         """Keep the idle hosts busy with what `want(n)` gives, hand each result to `take`, until
         nothing is proposed and nothing is in flight (or the run stopped)."""
         while not self.stopped:
@@ -235,9 +236,17 @@ class Fleet:
                     if started:
                         started(commit, host)
                     self._give(host, commit, role)
+                if upcoming and self.build_ahead and self.busy:
+                    self._ahead(upcoming())
             if not self.busy:
                 return
             self._handle(self._next(), take, withdraw)
+
+    def _ahead(self, commits: list[str]) -> None:
+        try:
+            self.build_ahead(commits)
+        except Exception as e:  # noqa: BLE001 - a builder's fault only costs time, never a verdict
+            self.ui.warn(f"build-ahead failed: {type(e).__name__}: {e}")
 
     def _next(self) -> Done:
         while True:  # a timeout, so that Ctrl-C reaches the controller at once

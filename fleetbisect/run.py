@@ -37,10 +37,11 @@ def start_run(
     *, repo: Path, good: str, bad: str, host, inventory: list[Path], playbook,
     playbook_path: Path, run_dir: Path, ui: UI, check_endpoints: bool | None = None,
     hooks: dict[str, list[str]] | None = None, hosts: list | None = None, search: str | None = None,
-    lab_options: dict | None = None,
+    build_ahead=None,
 ) -> Report:
     """Bisect `good..bad` of `repo` on `host` (or on every one of `hosts`) in a new run directory.
-    `search`: bisect | kary | bayes | auto (default: the playbook's policy.search)."""
+    `search`: bisect | kary | bayes | auto (default: the playbook's policy.search). `build_ahead`:
+    called with the commits a search of its own may ask for next (a builder's hook)."""
     from .fleet import search_name
 
     repo = repo.resolve()
@@ -63,7 +64,7 @@ def start_run(
         if (run_dir / JOURNAL).exists():
             raise UserError(f"{run_dir} already holds a run: `fleetbisect resume {run_dir}` continues it")
         Journal(run_dir).append("run-started", config=spec.to_json(), controller=me)
-        return _drive(spec, RunState(), hosts, playbook, run_dir, ui, me, lock, lab_options)
+        return _drive(spec, RunState(), hosts, playbook, run_dir, ui, me, lock, build_ahead)
 
 
 def resume_run(run_dir: Path, ui: UI) -> Report:
@@ -154,7 +155,7 @@ def _finished(spec: RunSpec, state: RunState, run_dir: Path, ui: UI) -> Report:
 
 
 def _drive(spec: RunSpec, state: RunState, hosts: list, playbook, run_dir: Path, ui: UI, me: dict,
-           lock: RunLock, lab_options: dict | None = None) -> Report:
+           lock: RunLock, build_ahead=None) -> Report:
     names = spec.host_names
     with log_to_file(run_dir / "run.log"):
         journal = Journal(run_dir)
@@ -192,7 +193,7 @@ def _drive(spec: RunSpec, state: RunState, hosts: list, playbook, run_dir: Path,
             if spec.search == "bisect":
                 _bisect(spec, state, hosts[0], playbook, run_dir, ui, me, lock, journal, report, hooks)
             else:
-                _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report, hooks, lab_options)
+                _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report, hooks, build_ahead)
             ui.detail(f"run took {time.monotonic() - started:.1f}s over {len(report.steps)} steps")
         except RunAborted as e:  # the host never answered: nothing was tested or marked
             if report.status == "running":
@@ -253,12 +254,12 @@ def _bisect(spec, state, host, playbook, run_dir, ui, me, lock, journal, report,
                 _restore_target(host, playbook, ui)
 
 
-def _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report, hooks, lab_options) -> None:
+def _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report, hooks, build_ahead) -> None:
     """A search of its own (kary, bayes) over one executor per host (fleet.py)."""
     from .fleet import Fleet
 
     fleet = Fleet(spec, state, hosts, playbook, run_dir, ui, journal, report, hooks, me["token"],
-                  leased=leased, lab_options=lab_options)
+                  leased=leased, build_ahead=build_ahead)
     try:
         fleet.run()
     except KeyboardInterrupt:

@@ -193,9 +193,12 @@ def test_three_hosts_find_the_culprit_and_the_journal_says_who_ran_what(tmp_path
 
 def test_three_hosts_need_fewer_rounds_than_one(tmp_path, fleet):
     shas, world, inventory, inv, playbook, pb = fleet(n=64, culprit=40, policy="{retries: 0, confirm: 0}")
+    asked: list[list[str]] = []
     report = run(tmp_path, shas, inventory, inv, playbook, pb, inventory.group("rack1"),
-                 check_endpoints=False)
+                 check_endpoints=False, build_ahead=asked.append)
     assert report.culprit == shas[40]
+    # The builder hook heard which commits may come next, and the search did ask for some of them.
+    assert asked and {c for _, c in world.boots} & {c for batch in asked for c in batch}
     per_host = {h: sum(1 for b in world.boots if b[0] == h) for h in "abc"}
     # 63 candidates: git's bisect needs 6 steps on one host; three hosts each do at most 4 (log4 64 = 3, +1)
     assert max(per_host.values()) <= 4 and sum(per_host.values()) >= 6, per_host
