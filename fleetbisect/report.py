@@ -90,7 +90,7 @@ def render_markdown(data: dict) -> str:
         title = "First bad commit" if data["status"] == "found" else "Suspect (NOT confirmed)"
         out += [f"**{title}:** `{data['culprit']}` {data.get('culprit_subject') or ''}",
                 "", f"Author: {data.get('culprit_author') or '?'}",
-                "", f"{held[data.get('confirmed')]}. {data['message']}", ""]
+                "", f"{_held(data, held)}. {data['message']}", ""]
     else:
         out += [f"**Status:** {data['status']}: {data['message']}", ""]
     out += [
@@ -116,6 +116,14 @@ def render_markdown(data: dict) -> str:
     out += _culprit_evidence(data)
     out += ["", "## git bisect log", "", "```", data.get("bisect_log_text", "").rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _held(data: dict, held: dict) -> str:
+    """How far the culprit is to be trusted: its retest, or (flaky) its posterior probability."""
+    ans = data.get("search_answer")
+    if data.get("search") == "bayes" and ans:
+        return f"Probability {ans['confidence']:.4f} after {ans['runs']} runs (flaky reproducer, not retested)"
+    return held[data.get("confirmed")]
 
 
 def _search_lines(data: dict) -> list[str]:
@@ -269,7 +277,8 @@ def status(run_dir: Path) -> str:
     lines = [f"run {state.config.get('run_id', '?')} on "
              f"{', '.join(state.config.get('hosts') or [state.config.get('host', '?')])}"
              f"{' (' + state.config['search'] + ' search)' if state.config.get('search', 'bisect') != 'bisect' else ''}: "
-             f"{len(state.steps)} steps done, {len(state.marks)} marks"]
+             f"{len(state.steps)} steps done"
+             + ("" if state.config.get("hosts") else f", {len(state.marks)} marks")]
     now = time.time()
     last_at = (f"last event {last.get('event')} at "
                + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0)))
