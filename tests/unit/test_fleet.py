@@ -269,3 +269,19 @@ def test_a_test_that_no_longer_matters_is_cancelled_its_vm_stopped_and_the_host_
     finished = [e for e in events if e["event"] == "step-finished"]
     assert not {e["index"] for e in cancelled} & {e["record"]["index"] for e in finished}
     assert len([e for e in events if e["event"] == "observed"]) == len(finished)
+
+
+def test_run_on_an_inventory_group_from_the_command_line(tmp_path, fleet, capsys):
+    from fleetbisect.cli import main
+
+    shas, world, inventory, inv, playbook, pb = fleet(n=12, culprit=7)
+    argv = ["run", "--inventory", str(inv), "--playbook", str(pb), "--repo", str(tmp_path / "repo"),
+            "--good", shas[0], "--bad", shas[-1]]
+    assert main([*argv, "--group", "rack9", "--run-dir", str(tmp_path / "r0")]) == 2
+    assert "unknown group 'rack9' (the inventory has: rack1)" in capsys.readouterr().err
+    assert main([*argv, "--host", "a", "--host", "b", "--search", "bisect", "--run-dir", str(tmp_path / "r1")]) == 2
+    assert "use --search kary" in capsys.readouterr().err
+    assert main([*argv, "--group", "rack1", "--host", "a", "--run-dir", str(tmp_path / "r2")]) == 0
+    assert f"first bad commit: {shas[7]}" in capsys.readouterr().out
+    spec = read(tmp_path / "r2")[0][0]["config"]
+    assert spec["hosts"] == ["a", "b", "c"] and spec["search"] == "kary"  # --host a once, not twice
