@@ -7,6 +7,7 @@ twice; a step the dead controller had started is tested again.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -259,7 +260,7 @@ def _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report,
     from .fleet import Fleet
 
     fleet = Fleet(spec, state, hosts, playbook, run_dir, ui, journal, report, hooks, me["token"],
-                  leased=leased, build_ahead=build_ahead)
+                  leased=functools.partial(leased, on_renewed=lock.heartbeat), build_ahead=build_ahead)
     try:
         fleet.run()
     except KeyboardInterrupt:

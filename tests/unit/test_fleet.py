@@ -139,7 +139,7 @@ class Keeper:
 
 
 @contextmanager
-def fake_lease(host_cfg, run_id, retries, ui, token=None, on_renewed=None):
+def fake_lease(host_cfg, run_id, retries, ui, token=None, on_renewed=None):  # run.leased's shape
     yield Keeper()
 
 
