@@ -84,11 +84,10 @@ class Fleet:
                 if hit_rate is None:
                     return
                 self.options["hit_rate"] = hit_rate
-            elif self.spec.check_endpoints and not self._endpoints():
-                return
+            first = self._endpoints() if self.spec.check_endpoints and not self.flaky else None
             if self.stopped:
                 return
-            search = self._search()
+            search = self._search(first)
             if self.stopped:
                 return
             self._answer(search)
@@ -100,7 +99,9 @@ class Fleet:
             for ex in self.executors.values():
                 ex.stop(timeout=180)
 
-    def _search(self) -> Search:
+    def _search(self, first: tuple[list, Callable] | None = None) -> Search:
+        """`first`: the endpoint tests (pending, take), given out before any search commit; the
+        hosts they leave free start the search at once (an endpoint that fails stops the run)."""
         graph = CommitGraph.from_git(self.spec.repo, self.spec.good, self.spec.bad)
         done = [("record", r["commit"], r["verdict"], r.get("host")) for r in self.state.steps
                 if r.get("role", "bisect") in SEARCH_ROLES and r["verdict"] != Verdict.ABORT.value]
@@ -108,15 +109,29 @@ class Fleet:
         role = "run" if self.flaky else "bisect"
         self.ui.step(f"{search.name} search over {graph.n} commits on {len(self.idle)} host(s): "
                      f"{', '.join(self.idle)}" + (f" (resumed after {len(done)} results)" if done else ""))
+        pending, first_take = first or ([], None)
+
         def want(n: int) -> list[tuple[str, str]]:
-            return [(c, role) for c in search.propose(n)]
+            out = _pop(pending)(n)
+            return out + [(c, role) for c in (search.propose(n - len(out)) if n > len(out) else [])]
 
         def take(task: Task, record: StepRecord, host: str) -> None:
+            if task.role != role:
+                return first_take(task, record, host)
             search.record(task.commit, Result(record.verdict.value), host)
             self.journal.append("observed", commit=task.commit, result=record.verdict.value, host=host)
 
-        self._drain(want, take, started=search.started, withdraw=lambda t, h: search.withdraw(t.commit, h),
-                    cancel=search.cancel, upcoming=search.upcoming)
+        def started(commit: str, host: str, r: str) -> None:
+            if r == role:
+                search.started(commit, host)
+
+        def withdraw(task: Task, host: str) -> None:
+            if task.role == role:
+                search.withdraw(task.commit, host)
+            else:
+                pending.append((task.commit, task.role))
+
+        self._drain(want, take, started=started, withdraw=withdraw, cancel=search.cancel, upcoming=search.upcoming)
         write_logs(self.run_dir, search, self.spec)
         return search
 
@@ -136,8 +151,9 @@ class Fleet:
             report.message = ans.log[-1] if ans.log else "no answer"
 
     # -- endpoints and calibration --------------------------------------------------------------
-    def _endpoints(self) -> bool:
-        """Good end good, bad end bad (on two hosts at once), or the search would mean nothing."""
+    def _endpoints(self) -> tuple[list, Callable] | None:
+        """Good end good, bad end bad, or the search would mean nothing: the tests still to run
+        and what to do with their results (for `_search`), or None when a decided one failed."""
         wants = {self.spec.good: (Verdict.GOOD, "endpoint-good"), self.spec.bad: (Verdict.BAD, "endpoint-bad")}
         pending = [(c, role) for c, (_, role) in wants.items()]
         for c, (want, role) in wants.items():
@@ -145,13 +161,12 @@ class Fleet:
             if rec is not None and rec["verdict"] != Verdict.ABORT.value and rec.get("role") == role:
                 pending.remove((c, role))
                 if self._stop_on(endpoint_problem(StepRecord.from_json(rec), want, role)):
-                    return False
+                    return None
 
         def take(task: Task, record: StepRecord, host: str) -> None:
             self._stop_on(endpoint_problem(record, wants[task.commit][0], task.role))
 
-        self._drain(_pop(pending), take, withdraw=lambda t, h: pending.append((t.commit, t.role)))
-        return not self.stopped
+        return pending, take
 
     def _calibrate(self) -> float | None:
         """Run the bad end until the hit rate is estimated and the good end for false alarms."""
@@ -234,7 +249,7 @@ class Fleet:
             if self.idle:
                 for (commit, role), host in zip(want(len(self.idle)), list(self.idle)):
                     if started:
-                        started(commit, host)
+                        started(commit, host, role)
                     self._give(host, commit, role)
                 if upcoming and self.build_ahead and self.busy:
                     self._ahead(upcoming())

@@ -76,6 +76,7 @@ class World:
         self.slow: str | None = None  # this host's reproducer runs until its VM is stopped (or 5 s)
         self.vm_off: dict[str, threading.Event] = {}
         self.cut_short = 0  # reproducer runs ended by a stopped VM
+        self.slow_busy = threading.Event()  # the slow host's reproducer is running
 
     def connect(self, cfg, deadline):
         return self.hosts.setdefault(cfg.name, FakeHost(cfg.name))
@@ -111,10 +112,16 @@ class World:
                 guest.on("cat /release", stdout=f"6.1.0-fb{self.sha[:12]}\n")
                 fails = self.sha in world.bad and world.rng.random() < world.hit_rate
                 guest.on("stress", exit_status=1 if fails else 0, stdout="done\n")
+                if world.slow and cfg.name != world.slow:  # the others answer once the slow one is busy
+                    def after_slow(call):
+                        world.slow_busy.wait(5)
+                        return Result(call.command, 1 if fails else 0, "done\n", "", 0.0)
+                    guest.on("stress", after_slow)
                 if cfg.name == world.slow:
                     off = world.vm_off[cfg.name]
 
                     def slow(call):
+                        world.slow_busy.set()
                         if off.wait(5):
                             world.cut_short += 1
                             raise RemoteError("guest", "connection lost: the VM was stopped")
