@@ -292,3 +292,14 @@ def test_run_on_an_inventory_group_from_the_command_line(tmp_path, fleet, capsys
     assert f"first bad commit: {shas[7]}" in capsys.readouterr().out
     spec = read(tmp_path / "r2")[0][0]["config"]
     assert spec["hosts"] == ["a", "b", "c"] and spec["search"] == "kary"  # --host a once, not twice
+
+
+def test_one_host_and_a_deterministic_reproducer_is_gits_own_bisect(tmp_path, fleet):
+    shas, world, inventory, inv, playbook, pb = fleet(n=20, culprit=11)
+    report = run(tmp_path, shas, inventory, inv, playbook, pb, [inventory.host("a")])
+    assert report.status == "found" and report.culprit == shas[11] and report.confirmed is True
+    assert report.search == "bisect"
+    log = (tmp_path / "run" / "bisect.log").read_text()
+    assert "git bisect start" in log and f"# first bad commit: [{shas[11]}]" in log  # git's own log
+    events, _ = read(tmp_path / "run")
+    assert [e["event"] for e in events].count("marked") >= 4
