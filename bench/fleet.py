@@ -6,7 +6,8 @@ Three lab hosts (each its own loopback sshd, each starting its own QEMU) and one
 kernel repo (the net-hang scenario). Each round bisects it once on one host (git's bisect, the
 default) and once on all three (the kary search, asynchronous, cancelling what no longer
 matters), alternating which goes first; both check the endpoints and confirm the culprit. It
-prints each run's wall time, steps and rounds, and the ratio three/one (target: <= 0.55).
+prints each run's wall time, steps, median step time and wall time in median steps (the rounds,
+when steps overlap), and the ratio three/one (target: <= 0.55).
 
 Under TCG every QEMU needs a core: on a machine with fewer than four free cores, three guests
 share them and each step gets slower, which the ratio shows honestly.
@@ -35,7 +36,7 @@ from fleetbisect.run import start_run  # noqa: E402
 from fleetbisect.ui import UI  # noqa: E402
 
 
-def bisect(base: Path, name: str, repo, hosts, assets) -> tuple[float, int]:
+def bisect(base: Path, name: str, repo, hosts, assets) -> tuple[float, int, float]:
     inv = write_lab_inventory(base / f"{name}.yaml", hosts, assets)
     loaded = load_inventory([inv])
     cfgs = [loaded.host(h.name) for h in hosts]
@@ -45,7 +46,8 @@ def bisect(base: Path, name: str, repo, hosts, assets) -> tuple[float, int]:
                        run_dir=base / name, ui=UI(quiet=True))
     took = time.monotonic() - started
     assert report.culprit == repo.culprit and report.status == "found", f"{name}: {report.message}"
-    return took, len(report.steps)
+    step = statistics.median(sum(s.durations.values()) for s in report.steps)
+    return took, len(report.steps), step
 
 
 def main() -> int:
@@ -65,10 +67,11 @@ def main() -> int:
         for r in range(args.rounds):
             order = [("one", hosts[:1]), ("three", hosts)]
             for name, fleet in (order if r % 2 == 0 else order[::-1]):
-                took, steps = bisect(base, f"{name}-{r}", repo, fleet, assets)
+                took, steps, step = bisect(base, f"{name}-{r}", repo, fleet, assets)
                 times[name].append(took)
-                print(f"round {r + 1}: {name:5} host(s): {took:7.1f}s wall, {steps} steps "
-                      f"(load average {os.getloadavg()[0]:.1f})")
+                # wall / median step: how many steps' time the run took (rounds, when steps overlap)
+                print(f"round {r + 1}: {name:5} host(s): {took:7.1f}s wall, {steps} steps, median step "
+                      f"{step:.1f}s, wall = {took / step:.1f} median steps (load average {os.getloadavg()[0]:.1f})")
     one, three = statistics.median(times["one"]), statistics.median(times["three"])
     print(f"median wall time: one host {one:.1f}s, three hosts {three:.1f}s; ratio three/one = {three / one:.2f} "
           "(target <= 0.55)")
