@@ -138,7 +138,8 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
 
     lab.ui.info(f"building {commit[:12]}")
     with timed("build", playbook.build.timeout):
-        built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout))
+        built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout),
+                      on=getattr(lab.host, "builder", None))
     evidence = [rel("build.log")]
     if not built.ok:
         if built.disk_full:  # not the commit's fault, and it will not heal by itself: stop

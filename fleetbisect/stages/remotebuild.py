@@ -1,0 +1,251 @@
+"""Build on another machine over SSH: a build host of the inventory, or the box under test
+itself (a bare-metal host that builds its own kernel calls `build_on` with its own entry).
+
+    result = build_on(builder, tree, playbook, commit, log_path, deadline)
+
+1. The commit (and any cherry-picks) is pushed from the controller's repository to a bare
+   repository on the builder, `WORK_DIR/repo.git`, with real `git push` through the OpenSSH
+   client, configured exactly as the paramiko path resolves and checks the host (its own
+   ssh_config and known_hosts: strict host key checking, batch mode; remote/openssh.py).
+2. It is checked out in `WORK_DIR/tree`, a worktree that stays between steps, so `make` there is
+   incremental, and the playbook's build command runs in it, bounded on the builder by
+   `timeout -k` and on the controller by the build deadline. The environment (LOCALVERSION,
+   build.env, distcc's) travels in a 0600 file fed on stdin and removed at once, never on a
+   command line.
+3. The log comes back masked into the step's build.log; the artifacts come back into a local
+   content-addressed cache (only those whose sha256 is not there yet), and the push stage sends
+   them on to the test host as it does after a local build.
+
+A build that fails is the commit's (skip, as after a local build); a builder that cannot be
+reached or a push/pull that fails is infrastructure: retried, then the run stops (RunAborted)
+with the reason: never a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .. import masking
+from ..deadline import Deadline
+from ..errors import InfraError, RunAborted
+from ..masking import open_masked
+from ..remote.base import CommandTimedOut, Remote, RemoteError
+from ..remote.endpoint import resolve
+from ..remote.openssh import TARGET, ssh_config
+from ..remote.ssh import SSHRemote
+from ..search.gitbisect import git
+from ..verdict import OutcomeKind
+from . import distcc
+from .build import BuildResult, _disk_full, localversion
+
+log = logging.getLogger("fleetbisect.build")
+
+PULL_TIMEOUT = 600.0
+REF = "refs/fleetbisect/build"
+GIT_BOILERPLATE = ("fatal: Could not read from remote", "Please make sure you have", "and the repository exists")
+
+
+class Paths:
+    """Where things live on the builder."""
+
+    def __init__(self, work_dir: str):
+        self.work = work_dir
+        self.repo = posixpath.join(work_dir, "repo.git")
+        self.tree = posixpath.join(work_dir, "tree")
+        self.env = posixpath.join(work_dir, "build.env")
+        self.log = posixpath.join(work_dir, "build.log")
+
+
+def env_script(playbook, commit: str) -> str:
+    """The build's environment as a POSIX sh script (`export K='v'` lines), values quoted."""
+    spec = playbook.build
+    env = {k: str(v) for k, v in spec.env.items()}
+    if spec.localversion:
+        env["LOCALVERSION"] = localversion(commit)
+    lines = []
+    if spec.distcc:
+        env.update(distcc.environment(spec.distcc))
+        lines.append(f'export PATH={shlex.quote(spec.distcc.masquerade)}:"$PATH"')
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items() if k.isidentifier()]
+    return "\n".join(lines) + "\n"
+
+
+# $1 work dir, $2 bare repo, $3 worktree, $4 commit
+PREPARE = r"""set -e
+mkdir -p "$1"
+[ -d "$2" ] || git init -q --bare "$2"
+if [ -e "$3/.git" ]; then
+  git -C "$3" cherry-pick --abort >/dev/null 2>&1 || true
+  git -C "$3" checkout -q --detach --force "$4"
+else
+  git -C "$2" worktree prune
+  git -C "$2" worktree add -q --detach "$3" "$4"
+fi
+"""
+
+# $1 worktree, $2 env file, $3 build log, $4 build command, then the cherry-picks
+BUILD = r"""tree=$1 envf=$2 logf=$3 cmd=$4; shift 4
+cd "$tree" || exit 97
+. "$envf"; rm -f "$envf"
+{
+  for pick in "$@"; do
+    echo "$ git cherry-pick --no-commit $pick"
+    git cherry-pick --no-commit "$pick" || { echo "fleetbisect: cherry-pick $pick does not apply"; exit 98; }
+  done
+  echo "$ bash -c $cmd"
+  bash -c "$cmd"
+} >"$logf" 2>&1
+"""
+
+
+def _git_ssh_env(params, tmp: Path) -> dict[str, str]:
+    config = tmp / "ssh_config"
+    config.write_text(ssh_config(params, resolve(params), tmp / "known_hosts"))
+    return {**os.environ, "GIT_SSH_COMMAND": shlex.join(["ssh", "-F", str(config)]),
+            "GIT_SSH_VARIANT": "ssh", "GIT_TERMINAL_PROMPT": "0"}
+
+
+def push_commits(params, tree: Path, repo_path: str, shas: list[str], deadline: Deadline) -> None:
+    """`git push` the commits to the builder's bare repository (refs/fleetbisect/build-N), over
+    the OpenSSH client with the host key checked. Raises RemoteError on failure."""
+    with tempfile.TemporaryDirectory(prefix="fleetbisect-git-ssh-") as tmp:
+        env = _git_ssh_env(params, Path(tmp))
+        refspecs = [f"{sha}:{REF}-{i}" for i, sha in enumerate(shas)]
+        argv = ["git", "-C", str(tree), "push", "--quiet", "--force", f"{TARGET}:{repo_path}", *refspecs]
+        try:
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=max(1.0, deadline.remaining()))
+        except subprocess.TimeoutExpired:
+            raise RemoteError(params.name, "git push timed out") from None
+    if proc.returncode != 0:  # what ssh said, not git's boilerplate about access rights
+        said = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(GIT_BOILERPLATE)]
+        raise RemoteError(params.name, f"git push to {repo_path} failed: " + " | ".join(said[-3:]))
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fleetbisect" / "artifacts"
+
+
+def pull_artifacts(remote: Remote, paths: Paths, playbook, dest: Path, deadline: Deadline
+                   ) -> tuple[dict[str, Path], list[str], dict[str, int]]:
+    """The artifacts into `dest/<sha256>` (only those not there yet); (artifacts, missing,
+    bytes pulled per artifact)."""
+    names = list(playbook.artifacts)
+    files = [posixpath.join(paths.tree, playbook.artifacts[n]) for n in names]
+    res = remote.run(["sh", "-c", 'for f; do if [ -f "$f" ]; then sha256sum "$f" | cut -d" " -f1; '
+                      'else echo missing; fi; done', "sh", *files], deadline=deadline, check=True)
+    sums = res.stdout.split()
+    dest.mkdir(parents=True, exist_ok=True)
+    artifacts, missing, pulled = {}, [], {}
+    for name, rel, path, sha in zip(names, (playbook.artifacts[n] for n in names), files, sums):
+        if sha == "missing":
+            missing.append(f"{name}={rel}")
+            continue
+        local = dest / sha
+        if not local.is_file():
+            part = dest / f".{sha}.part"
+            stats = remote.get(path, part, deadline=deadline)
+            part.rename(local)
+            pulled[name] = stats.bytes
+        artifacts[name] = local
+    return artifacts, missing, pulled
+
+
+def build_on(builder, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline, *,
+             retries: int | None = None, dest: Path | None = None) -> BuildResult:
+    """Build `commit` of the repository `tree` belongs to on `builder` (an inventory BuildHost:
+    name, ssh_params(), work_dir). Faults of the builder or the link are retried `retries`
+    times (default: the playbook's), then raise RunAborted."""
+    retries = playbook.policy.retries if retries is None else retries
+    masking.register_build_env(playbook.build.env)
+    last = ""
+    for attempt in range(retries + 1):
+        try:
+            return _build_once(builder, tree, playbook, commit, log_path, deadline, dest or cache_dir())
+        except InfraError as e:  # a host key or config problem (UserError) is not retried
+            last = str(e)
+            log.warning("build on %s failed (attempt %d/%d): %s", builder.name, attempt + 1, retries + 1, e)
+            if deadline.expired:
+                break
+    raise RunAborted(f"build host {builder.name}: {last} (tried {attempt + 1} times; a fault of the "
+                     "build host or its link, not of the commit)")
+
+
+def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
+                dest: Path) -> BuildResult:
+    spec = playbook.build
+    paths = Paths(builder.work_dir)
+    params = builder.ssh_params()
+    started = time.monotonic()
+    picks = [git(tree, "rev-parse", f"{p}^{{commit}}").strip() for p in spec.cherry_picks]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with SSHRemote.connect(params, deadline=deadline) as remote:
+        remote.run(["sh", "-c", 'mkdir -p "$1" && { [ -d "$2" ] || git init -q --bare "$2"; }', "sh",
+                    paths.work, paths.repo], deadline=deadline, check=True)
+        push_commits(params, tree, paths.repo, [commit, *picks], deadline)
+        remote.run(["sh", "-c", PREPARE, "sh", paths.work, paths.repo, paths.tree, commit],
+                   deadline=deadline, check=True)
+        remote.run(["sh", "-c", 'umask 077 && cat > "$1"', "sh", paths.env],
+                   deadline=deadline, check=True, stdin=env_script(playbook, commit).encode())
+        status: int | None
+        try:
+            status = remote.run(["sh", "-c", BUILD, "sh", paths.tree, paths.env, paths.log, spec.command, *picks],
+                                deadline=deadline).exit_status
+        except CommandTimedOut:
+            status = None
+        _fetch_log(remote, paths, log_path, builder.name, spec.command)
+        seconds = time.monotonic() - started
+        if status is None:
+            return BuildResult(False, f"build on {builder.name} timed out after {spec.timeout:.0f}s "
+                               "(build.timeout)", log_path, seconds, kind=OutcomeKind.BUILD_TIMEOUT)
+        if status == 97:
+            raise RemoteError(builder.name, f"the build could not start in {paths.tree} (exit {status})")
+        if status == 98:
+            return BuildResult(False, "a cherry-pick does not apply", log_path, seconds)
+        if status != 0:
+            if _disk_full(log_path):
+                return BuildResult(False, f"the build ran out of disk space on {builder.name} (exit {status})",
+                                   log_path, seconds, disk_full=True)
+            return BuildResult(False, f"build on {builder.name} failed (exit {status})", log_path, seconds)
+        release = None
+        if spec.release_file:
+            res = remote.run(["cat", posixpath.join(paths.tree, spec.release_file)], deadline=deadline)
+            release = (res.stdout.strip() or None) if res.ok else None
+        artifacts, missing, pulled = pull_artifacts(remote, paths, playbook, dest, deadline)
+        if picks:
+            remote.run(["git", "-C", paths.tree, "reset", "--hard", "--quiet", commit], deadline=deadline)
+    seconds = time.monotonic() - started
+    if missing:
+        return BuildResult(False, "build produced no " + ", ".join(missing), log_path, seconds)
+    with open_masked(log_path, "ab") as f:
+        f.write(f"fleetbisect: artifacts pulled from {builder.name}: "
+                f"{', '.join(f'{k} {v} bytes' for k, v in pulled.items()) or 'none changed'}\n".encode())
+    if spec.localversion and (release is None or not release.endswith(localversion(commit))):
+        return BuildResult(
+            False, f"the build on {builder.name} did not stamp {localversion(commit)} into the kernel "
+            f"release ({spec.release_file}: {release!r})", log_path, seconds, kind=OutcomeKind.SETUP_ERROR)
+    return BuildResult(True, f"built on {builder.name}", log_path, seconds, release, artifacts)
+
+
+def _fetch_log(remote: Remote, paths: Paths, log_path: Path, name: str, command: str) -> None:
+    """The builder's log into `log_path`, masked; then removed there (it may hold secrets)."""
+    with tempfile.TemporaryDirectory(prefix="fleetbisect-log-") as tmp:
+        raw = Path(tmp) / "build.log"
+        deadline = Deadline.after(PULL_TIMEOUT)
+        try:
+            remote.get(paths.log, raw, deadline=deadline)
+        except InfraError as e:
+            raw.write_text(f"fleetbisect: no build log from {name}: {e}\n")
+        with open_masked(log_path, "wb") as out, open(raw, "rb") as src:
+            out.write(f"fleetbisect: building on {name} in {paths.tree}\n".encode())
+            shutil.copyfileobj(src, out)
+        remote.run(["rm", "-f", paths.log], deadline=deadline)

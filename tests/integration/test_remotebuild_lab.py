@@ -1,0 +1,132 @@
+"""Builds on a build host over SSH (stages/remotebuild.py), against the real lab: a second lab
+sshd plays the build host, the commit reaches it with real `git push` over SSH, the build
+runs in its own worktree there and the artifacts come back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fleetbisect.config.inventory import load_inventory
+from fleetbisect.deadline import Deadline
+from fleetbisect.errors import UserError
+from fleetbisect.lab.vmhost import LabHost
+from fleetbisect.remote.base import RemoteError, SSHParams
+from fleetbisect.stages.build import build, sha256_file
+from fleetbisect.stages.remotebuild import Paths, push_commits
+
+from .conftest import BUILD_FAILS, CULPRIT
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    """The build host: its own sshd on loopback, stopped by PID at the end."""
+    host = LabHost.start(tmp_path_factory.mktemp("forge"), name="forge")
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+def with_build_host(inventory_file, forge, dest, host_name):
+    """The lab inventory, its host building on `forge` (a build_hosts entry in a second file)."""
+    data = yaml.safe_load(inventory_file.read_text())
+    data["hosts"][host_name]["build_on"] = "forge"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "hosts.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (dest / "builders.yaml").write_text(yaml.safe_dump({"build_hosts": {"forge": {
+        "ssh": {"address": "127.0.0.1", "port": forge.port, "user": forge.user, "key": str(forge.user_key),
+                "known_hosts": str(forge.known_hosts)},
+        "work_dir": str(forge.base_dir / "build"),
+    }}}))
+    return dest
+
+
+def remote_git(forge, *args):
+    return subprocess.run(["git", "--git-dir", Paths(str(forge.base_dir / "build")).repo, *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_build_on_the_build_host_gives_the_artifacts_a_local_build_gives(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    inv = with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)
+    host = load_inventory([inv]).host(lab_host.name)
+    assert host.builder is not None and host.builder.name == "forge"
+    playbook, _ = playbook_variant()
+    sha = lab_repo.shas[CULPRIT]
+    tree.checkout(sha)
+
+    local = build(tree.path, playbook, sha, tmp_path / "local" / "build.log", Deadline.after(120))
+    remote = build(tree.path, playbook, sha, tmp_path / "remote" / "build.log", Deadline.after(120), on=host.builder)
+    assert local.ok and remote.ok, (local.summary, remote.summary, remote.log.read_text())
+    assert remote.summary == "built on forge"
+    assert remote.release == local.release and remote.release.endswith(sha[:12])
+    assert sha256_file(remote.artifacts["kernel"]) == sha256_file(local.artifacts["kernel"])
+    # the artifacts came back into the local cache, named by content
+    assert all(p.parent == tmp_path / "cache" / "fleetbisect" / "artifacts" and p.name == sha256_file(p)
+               for p in remote.artifacts.values())
+    # the commit got there through git over SSH, and was built in the build host's worktree
+    assert remote_git(forge, "rev-parse", "refs/fleetbisect/build-0") == sha
+    work = forge.base_dir / "build" / "tree"
+    assert subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip() == sha
+    assert (work / "include/config/kernel.release").read_text().strip() == remote.release
+    log = remote.log.read_text()
+    assert "building on forge" in log and "GEN     initramfs.img" in log
+    assert not (forge.base_dir / "build" / "build.env").exists()  # the environment file is gone
+    assert not (forge.base_dir / "build" / "build.log").exists()
+
+    # The next commit: the worktree there is reused, an unchanged kernel is not pulled again.
+    nxt = lab_repo.shas[CULPRIT + 1]
+    again = build(tree.path, playbook, nxt, tmp_path / "remote2" / "build.log", Deadline.after(120), on=host.builder)
+    assert again.ok and again.release.endswith(nxt[:12])
+    assert again.artifacts["kernel"] == remote.artifacts["kernel"]
+    pulled = again.log.read_text().splitlines()[-1]
+    assert pulled.startswith("fleetbisect: artifacts pulled from forge:") and "kernel" not in pulled
+    assert "initrd" in pulled
+
+
+def test_a_commit_that_does_not_build_there_is_a_build_failure(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    host = load_inventory([with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)]).host(lab_host.name)
+    playbook, _ = playbook_variant()
+    sha = lab_repo.shas[BUILD_FAILS]
+    res = build(lab_repo.path, playbook, sha, tmp_path / "b" / "build.log", Deadline.after(120), on=host.builder)
+    assert not res.ok and not res.disk_full
+    assert res.summary.startswith("build on forge failed (exit 2)")
+    assert "error: implicit declaration of function 'fb_lab_helper'" in res.log.read_text()
+
+
+def test_git_push_checks_the_build_hosts_key(lab_repo, forge, lab_host):
+    """The push goes through OpenSSH with exactly the keys the inventory accepts: another
+    machine's key (here the lab host's) refuses it."""
+    good = forge.ssh_params()
+    repo = str(forge.base_dir / "push-check.git")
+    subprocess.run(["git", "init", "-q", "--bare", repo], check=True)
+    push_commits(good, lab_repo.path, repo, [lab_repo.good], Deadline.after(60))
+    wrong = SSHParams(name="forge", host="127.0.0.1", port=forge.port, user=forge.user,
+                      key_files=(str(forge.user_key),), host_keys=(lab_host.host_public_key,))
+    with pytest.raises(RemoteError, match="Host key verification failed|host key"):
+        push_commits(wrong, lab_repo.path, repo, [lab_repo.bad], Deadline.after(60))
+    out = subprocess.run(["git", "--git-dir", repo, "for-each-ref", "--format=%(objectname)"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [lab_repo.good]
+
+
+def test_a_build_host_whose_key_changed_is_refused_not_retried(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path):
+    inv = with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)
+    (tmp_path / "wrong_known_hosts").write_text(f"[127.0.0.1]:{forge.port} {lab_host.host_public_key}\n")
+    data = yaml.safe_load((inv / "builders.yaml").read_text())
+    data["build_hosts"]["forge"]["ssh"]["known_hosts"] = str(tmp_path / "wrong_known_hosts")
+    (inv / "builders.yaml").write_text(yaml.safe_dump(data))
+    host = load_inventory([inv]).host(lab_host.name)
+    playbook, _ = playbook_variant()
+    with pytest.raises(UserError, match="forge"):
+        build(lab_repo.path, playbook, lab_repo.good, tmp_path / "b" / "build.log", Deadline.after(60), on=host.builder)
