@@ -198,8 +198,8 @@ def _resolve_builders(hosts: dict[str, Host], build_hosts: dict[str, BuildHost],
     return out, problems
 
 
-SECTIONS = {"hosts": (Host, "a host", "ssh, work_dir, target"),
-            "build_hosts": (BuildHost, "a build host", "ssh, work_dir")}
+SECTIONS = {"hosts": (Host, "host", "ssh, work_dir, target"),
+            "build_hosts": (BuildHost, "build host", "ssh, work_dir")}
 
 
 def _load_file(path: Path, data, lines: Lines, hosts: dict[str, Host],
@@ -224,7 +224,7 @@ def _load_file(path: Path, data, lines: Lines, hosts: dict[str, Host],
             loc = (section, name)
             line = lines.line(loc)
             if not isinstance(name, str) or not re.match(NAME, name):
-                problems.append(Problem(path, line, loc, f"{what} name is letters, digits, '.', '_', '-'"))
+                problems.append(Problem(path, line, loc, f"a {what} name is letters, digits, '.', '_', '-'"))
             elif name in found:
                 problems.append(Problem(path, line, loc, f"already defined in {found[name].source}"))
             elif not isinstance(raw, dict):
