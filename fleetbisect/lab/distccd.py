@@ -1,0 +1,128 @@
+"""The lab's distcc daemon: a real `distccd` on a free loopback port, with its statistics
+server, so a test can prove a compile went through it (`stats()["dcc_compile_ok"]`).
+
+    with LabDistccd.start(Path("/tmp/lab/distcc")) as d:
+        ...  DISTCC_HOSTS=f"127.0.0.1:{d.port}"  ...
+
+It is started in a session of its own and stopped by its PID (SIGTERM: the master takes its
+workers down with it), then whatever is left in its process group is killed; a finalizer does
+the same if the object is dropped first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+import weakref
+from pathlib import Path
+
+from .vmhost import free_port
+
+DISTCCD = shutil.which("distccd") or "/usr/bin/distccd"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+class LabDistccdError(RuntimeError):
+    pass
+
+
+def _group(pgid: int) -> list[int]:
+    """PIDs whose process group is `pgid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid in _group(proc.pid):  # workers the master left behind: ours, by our group id
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class LabDistccd:
+    def __init__(self, proc: subprocess.Popen, port: int, stats_port: int, log: Path):
+        self._proc = proc
+        self.port = port
+        self.stats_port = stats_port
+        self.log = log
+        self._finalizer = weakref.finalize(self, _stop, proc)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def host_spec(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, base_dir: Path, *, jobs: int = 2, timeout: float = START_TIMEOUT) -> "LabDistccd":
+        base_dir = Path(base_dir)
+        base_dir.mkdir(parents=True, exist_ok=True)
+        log = base_dir / "distccd.log"
+        for _ in range(3):  # a probed port can be taken before distccd binds it: try another
+            port, stats_port = free_port(), free_port()
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    [DISTCCD, "--daemon", "--no-detach", "--listen", "127.0.0.1", "--port", str(port),
+                     "--allow", "127.0.0.0/8", "--stats", "--stats-port", str(stats_port), "--jobs", str(jobs),
+                     "--log-stderr", "--log-level", "info"],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True,
+                )
+            d = cls(proc, port, stats_port, log)
+            if d._wait_ready(timeout):
+                return d
+            d.stop()
+        raise LabDistccdError(f"distccd did not start: {log.read_text(errors='replace')[-500:]}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self._proc.poll() is None:
+            try:
+                self.stats()
+                return True
+            except OSError:
+                time.sleep(0.02)  # not listening yet
+        return False
+
+    def stats(self) -> dict[str, str]:
+        """The daemon's own counters (its --stats HTTP server): dcc_compile_ok and the rest."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/", timeout=5) as r:
+            text = r.read().decode(errors="replace")
+        return dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("dcc_") and " " in line)
+
+    def compiled(self) -> int:
+        return int(self.stats()["dcc_compile_ok"])
+
+    def stop(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "LabDistccd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

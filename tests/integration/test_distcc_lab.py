@@ -1,0 +1,125 @@
+"""Distributed compilation through a real distccd on loopback (the playbook's build.distcc),
+proven by the daemon's own counters, not by make's exit status: distcc falls back to a local
+compile silently unless told not to."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fleetbisect.config.inventory import load_inventory
+from fleetbisect.config.playbook import load_playbook
+from fleetbisect.deadline import Deadline
+from fleetbisect.lab.distccd import LabDistccd
+from fleetbisect.stages.build import build
+
+from .test_remotebuild_lab import forge, with_build_host  # noqa: F401 - the build host fixture
+
+SOURCES = 6
+# A kernel's Makefile calls `gcc` by name, whatever CC the environment says: so does this one,
+# so the compile can only reach distcc through its masquerade directory on PATH.
+MAKEFILE = """\
+CC = gcc
+RELEASE := 1.0-tiny$(LOCALVERSION)
+OBJS := $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
+all: out/kernel include/config/kernel.release
+out/kernel: $(OBJS)
+\t@mkdir -p out && $(CC) -o $@ $(OBJS)
+%.o: %.c
+\t$(CC) -O1 -c -o $@ $<
+include/config/kernel.release: FORCE
+\t@mkdir -p $(@D) && echo "$(RELEASE)" > $@
+.PHONY: FORCE
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory):
+    """A small C project in git: SOURCES files compiled with `gcc`, linked into out/kernel."""
+    repo = tmp_path_factory.mktemp("tiny") / "tiny"
+    (repo / "src").mkdir(parents=True)
+    (repo / "Makefile").write_text(MAKEFILE)
+    (repo / ".gitignore").write_text("*.o\nout/\ninclude/\n")
+    for i in range(1, SOURCES):
+        (repo / "src" / f"f{i}.c").write_text(f"int f{i}(int x) {{ return x * {i} + {i * i}; }}\n")
+    calls = " + ".join(f"f{i}(argc)" for i in range(1, SOURCES))
+    decls = "".join(f"int f{i}(int);\n" for i in range(1, SOURCES))
+    (repo / "src" / "main.c").write_text(f"{decls}int main(int argc, char **argv) {{ return ({calls}) & 1; }}\n")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t.invalid", "GIT_CONFIG_GLOBAL": "/dev/null", "PATH": "/usr/bin:/bin"}
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qm", "tiny"], check=True, env=env)
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    return repo, sha
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    assert shutil.which("distccd") and shutil.which("distcc"), ".ci/setup installs distcc"
+    with LabDistccd.start(tmp_path / "distccd") as d:
+        yield d
+
+
+def tiny_playbook(tmp_path, hosts: list[str], fallback: bool = False):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny",
+        "build": {"command": "make", "timeout": "5m", "distcc": {"hosts": hosts, "fallback": fallback}},
+        "artifacts": {"kernel": "out/kernel"},
+        "reproducer": {"kind": "command", "command": "true", "timeout": "30s"},
+    }))
+    return load_playbook(path), path
+
+
+def test_a_build_with_build_distcc_compiles_through_the_daemon(tiny_repo, daemon, tmp_path):
+    repo, sha = tiny_repo
+    playbook, _ = tiny_playbook(tmp_path, [f"{daemon.host_spec}/2"])
+    subprocess.run(["git", "-C", str(repo), "clean", "-qfdx"], check=True)
+    before = daemon.compiled()
+    res = build(repo, playbook, sha, tmp_path / "step" / "build.log", Deadline.after(300))
+    assert res.ok, res.log.read_text()
+    assert res.release == f"1.0-tiny-fb{sha[:12]}"
+    # every object file was compiled by the daemon: its own counter says so
+    assert daemon.compiled() - before == SOURCES
+    assert subprocess.run([str(res.artifacts["kernel"])]).returncode in (0, 1)  # it links and runs
+
+
+def test_a_build_on_a_build_host_uses_distcc_from_there(
+        tiny_repo, daemon, forge, lab_host, inventory_file, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    repo, sha = tiny_repo
+    host = load_inventory([with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)]).host(lab_host.name)
+    playbook, _ = tiny_playbook(tmp_path, [daemon.host_spec])
+    before = daemon.compiled()
+    res = build(repo, playbook, sha, tmp_path / "step" / "build.log", Deadline.after(300), on=host.builder)
+    assert res.ok and res.summary == "built on forge", res.log.read_text()
+    assert daemon.compiled() - before == SOURCES
+
+
+def check(inventory, host, playbook):
+    return subprocess.run([sys.executable, "-m", "fleetbisect", "check", "--inventory", str(inventory),
+                           "--host", host, "--playbook", str(playbook)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_compiles_through_a_live_daemon_and_names_a_dead_one(
+        tmp_path, daemon, inventory_file, lab_host):
+    _, playbook = tiny_playbook(tmp_path, [daemon.host_spec])
+    before = daemon.compiled()
+    p = check(inventory_file, lab_host.name, playbook)
+    out = " ".join(p.stdout.split())  # the table wraps long lines
+    assert f"distcc 127.0.0.1:{daemon.port}" in out and "a test compile with gcc went through the daemon" in out, p.stdout
+    assert daemon.compiled() - before == 1
+
+    port = daemon.port
+    daemon.stop()
+    p = check(inventory_file, lab_host.name, playbook)
+    out = " ".join(p.stdout.split())
+    assert p.returncode != 0
+    assert f"no distcc daemon answers at 127.0.0.1:{port}: Connection refused" in out, p.stdout
