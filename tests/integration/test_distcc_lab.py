@@ -4,6 +4,7 @@ compile silently unless told not to."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -103,23 +104,27 @@ def test_a_build_on_a_build_host_uses_distcc_from_there(
 
 
 def check(inventory, host, playbook):
-    return subprocess.run([sys.executable, "-m", "fleetbisect", "check", "--inventory", str(inventory),
-                           "--host", host, "--playbook", str(playbook)],
-                          capture_output=True, text=True, timeout=300)
+    """`fleetbisect check --json`: its exit status and its probes, by name."""
+    p = subprocess.run([sys.executable, "-m", "fleetbisect", "--json", "check", "--inventory", str(inventory),
+                        "--host", host, "--playbook", str(playbook)],
+                       capture_output=True, text=True, timeout=300)
+    events = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    return p.returncode, {e["name"]: e for e in events if e["event"] == "probe"}, p.stderr
 
 
 def test_check_compiles_through_a_live_daemon_and_names_a_dead_one(
         tmp_path, daemon, inventory_file, lab_host):
     _, playbook = tiny_playbook(tmp_path, [daemon.host_spec])
+    name = f"distcc 127.0.0.1:{daemon.port}"
     before = daemon.compiled()
-    p = check(inventory_file, lab_host.name, playbook)
-    out = " ".join(p.stdout.split())  # the table wraps long lines
-    assert f"distcc 127.0.0.1:{daemon.port}" in out and "a test compile with gcc went through the daemon" in out, p.stdout
-    assert daemon.compiled() - before == 1
+    code, probes, err = check(inventory_file, lab_host.name, playbook)
+    assert probes[name]["ok"], err
+    assert probes[name]["detail"] == "a test compile with gcc went through the daemon"
+    assert daemon.compiled() - before == 1  # it really compiled there
 
-    port = daemon.port
     daemon.stop()
-    p = check(inventory_file, lab_host.name, playbook)
-    out = " ".join(p.stdout.split())
-    assert p.returncode != 0
-    assert f"no distcc daemon answers at 127.0.0.1:{port}: Connection refused" in out, p.stdout
+    code, probes, err = check(inventory_file, lab_host.name, playbook)
+    assert code == 1 and not probes[name]["ok"], err
+    assert probes[name]["detail"].startswith(f"no distcc daemon answers at 127.0.0.1:{daemon.port}: "
+                                             "Connection refused"), probes[name]
+    assert [n for n, p in probes.items() if not p["ok"]] == [name]  # the daemon, and nothing else

@@ -5,6 +5,7 @@ runs in its own worktree there and the artifacts come back."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -130,3 +131,38 @@ def test_a_build_host_whose_key_changed_is_refused_not_retried(
     playbook, _ = playbook_variant()
     with pytest.raises(UserError, match="forge"):
         build(lab_repo.path, playbook, lab_repo.good, tmp_path / "b" / "build.log", Deadline.after(60), on=host.builder)
+
+
+def test_check_probes_the_build_host(inventory_file, lab_host, forge, playbook_variant, tmp_path):
+    from .test_distcc_lab import check
+
+    inv = with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)
+    _, playbook = playbook_variant()
+    code, probes, err = check(inv, lab_host.name, playbook)
+    assert code == 0, err
+    assert probes["build host"]["detail"] == f"connected to forge, builds in {forge.base_dir / 'build'}"
+    assert probes["build host git"]["ok"] and probes["build host make"]["ok"]
+    assert probes["build host work dir"]["ok"] and probes["build host disk"]["ok"]
+
+
+def test_a_bisect_whose_builds_run_on_the_build_host_finds_the_culprit(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path):
+    inv = with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)
+    _, playbook = playbook_variant({"reproducer": {"timeout": "6s"}})
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "fleetbisect", "run", "--host", lab_host.name,
+                        "--playbook", str(playbook), "--inventory", str(inv), "--repo", str(lab_repo.path),
+                        "--good", lab_repo.good, "--bad", lab_repo.bad, "--run-dir", str(run_dir)],
+                       capture_output=True, text=True, timeout=1800, env=env)
+    assert p.returncode == 0, p.stderr
+    assert f"first bad commit: {lab_repo.shas[CULPRIT]}" in p.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["confirmed"] is True
+    built = [s for s in report["steps"] if s["verdict"] in ("good", "bad")]
+    assert built and all(s["release"].endswith(s["commit"][:12]) for s in built)
+    for s in report["steps"]:  # every step was built over there, none here
+        log = (run_dir / next(e for e in s["evidence"] if e.endswith("build.log"))).read_text()
+        assert log.startswith("fleetbisect: building on forge in "), log[:200]
+    skipped = [s for s in report["steps"] if s["commit"] == lab_repo.shas[BUILD_FAILS]]
+    assert all(s["verdict"] == "skip" and "build on forge failed" in s["reason"] for s in skipped)
