@@ -23,11 +23,13 @@ with the reason: never a verdict.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -54,14 +56,23 @@ GIT_BOILERPLATE = ("fatal: Could not read from remote", "Please make sure you ha
 
 
 class Paths:
-    """Where things live on the builder."""
+    """Where things live on the builder: one bare repository, and one worktree per worktree of
+    the controller (`slot`), so that builds from several local trees at once (build-ahead,
+    several hosts of a fleet, two controllers) never share one, and each stays incremental."""
 
-    def __init__(self, work_dir: str):
+    def __init__(self, work_dir: str, slot: str = "tree"):
         self.work = work_dir
+        self.slot = slot
         self.repo = posixpath.join(work_dir, "repo.git")
-        self.tree = posixpath.join(work_dir, "tree")
-        self.env = posixpath.join(work_dir, "build.env")
-        self.log = posixpath.join(work_dir, "build.log")
+        self.tree = posixpath.join(work_dir, "trees", slot)
+        self.env = posixpath.join(work_dir, "trees", f"{slot}.env")
+        self.log = posixpath.join(work_dir, "trees", f"{slot}.log")
+
+
+def slot(tree: Path) -> str:
+    """The builder's worktree for a local tree: named after this machine and the tree's path."""
+    key = f"{socket.gethostname()}:{Path(tree).resolve()}"
+    return f"{Path(tree).name[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def env_script(playbook, commit: str) -> str:
@@ -80,7 +91,7 @@ def env_script(playbook, commit: str) -> str:
 
 # $1 work dir, $2 bare repo, $3 worktree, $4 commit
 PREPARE = r"""set -e
-mkdir -p "$1"
+mkdir -p "$1" "$(dirname "$3")"
 [ -d "$2" ] || git init -q --bare "$2"
 if [ -e "$3/.git" ]; then
   git -C "$3" cherry-pick --abort >/dev/null 2>&1 || true
@@ -113,12 +124,13 @@ def _git_ssh_env(params, tmp: Path) -> dict[str, str]:
             "GIT_SSH_VARIANT": "ssh", "GIT_TERMINAL_PROMPT": "0"}
 
 
-def push_commits(params, tree: Path, repo_path: str, shas: list[str], deadline: Deadline) -> None:
-    """`git push` the commits to the builder's bare repository (refs/fleetbisect/build-N), over
+def push_commits(params, tree: Path, repo_path: str, shas: list[str], deadline: Deadline,
+                 ref: str = REF) -> None:
+    """`git push` the commits to the builder's bare repository (`ref`-N), over
     the OpenSSH client with the host key checked. Raises RemoteError on failure."""
     with tempfile.TemporaryDirectory(prefix="fleetbisect-git-ssh-") as tmp:
         env = _git_ssh_env(params, Path(tmp))
-        refspecs = [f"{sha}:{REF}-{i}" for i, sha in enumerate(shas)]
+        refspecs = [f"{sha}:{ref}-{i}" for i, sha in enumerate(shas)]
         argv = ["git", "-C", str(tree), "push", "--quiet", "--force", f"{TARGET}:{repo_path}", *refspecs]
         try:
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -183,7 +195,7 @@ def build_on(builder, tree: Path, playbook, commit: str, log_path: Path, deadlin
 def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
                 dest: Path) -> BuildResult:
     spec = playbook.build
-    paths = Paths(builder.work_dir)
+    paths = Paths(builder.work_dir, slot(tree))
     params = builder.ssh_params()
     started = time.monotonic()
     picks = [git(tree, "rev-parse", f"{p}^{{commit}}").strip() for p in spec.cherry_picks]
@@ -191,7 +203,7 @@ def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, dead
     with SSHRemote.connect(params, deadline=deadline) as remote:
         remote.run(["sh", "-c", 'mkdir -p "$1" && { [ -d "$2" ] || git init -q --bare "$2"; }', "sh",
                     paths.work, paths.repo], deadline=deadline, check=True)
-        push_commits(params, tree, paths.repo, [commit, *picks], deadline)
+        push_commits(params, tree, paths.repo, [commit, *picks], deadline, f"{REF}/{paths.slot}")
         remote.run(["sh", "-c", PREPARE, "sh", paths.work, paths.repo, paths.tree, commit],
                    deadline=deadline, check=True)
         remote.run(["sh", "-c", 'umask 077 && cat > "$1"', "sh", paths.env],

@@ -18,7 +18,7 @@ from fleetbisect.errors import UserError
 from fleetbisect.lab.vmhost import LabHost
 from fleetbisect.remote.base import RemoteError, SSHParams
 from fleetbisect.stages.build import build, sha256_file
-from fleetbisect.stages.remotebuild import Paths, push_commits
+from fleetbisect.stages.remotebuild import REF, Paths, push_commits, slot
 
 from .conftest import BUILD_FAILS, CULPRIT
 
@@ -72,15 +72,15 @@ def test_a_build_on_the_build_host_gives_the_artifacts_a_local_build_gives(
     assert all(p.parent == tmp_path / "cache" / "fleetbisect" / "artifacts" and p.name == sha256_file(p)
                for p in remote.artifacts.values())
     # the commit got there through git over SSH, and was built in the build host's worktree
-    assert remote_git(forge, "rev-parse", "refs/fleetbisect/build-0") == sha
-    work = forge.base_dir / "build" / "tree"
+    assert remote_git(forge, "rev-parse", f"{REF}/{slot(tree.path)}-0") == sha
+    work = forge.base_dir / "build" / "trees" / slot(tree.path)
     assert subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip() == sha
     assert (work / "include/config/kernel.release").read_text().strip() == remote.release
     log = remote.log.read_text()
     assert "building on forge" in log and "GEN     initramfs.img" in log
-    assert not (forge.base_dir / "build" / "build.env").exists()  # the environment file is gone
-    assert not (forge.base_dir / "build" / "build.log").exists()
+    assert not work.with_name(work.name + ".env").exists()  # the environment file is gone
+    assert not work.with_name(work.name + ".log").exists()
 
     # The next commit: the worktree there is reused, an unchanged kernel is not pulled again.
     nxt = lab_repo.shas[CULPRIT + 1]
@@ -166,3 +166,34 @@ def test_a_bisect_whose_builds_run_on_the_build_host_finds_the_culprit(
         assert log.startswith("fleetbisect: building on forge in "), log[:200]
     skipped = [s for s in report["steps"] if s["commit"] == lab_repo.shas[BUILD_FAILS]]
     assert all(s["verdict"] == "skip" and "build on forge failed" in s["reason"] for s in skipped)
+
+
+def test_builds_from_two_local_trees_at_once_use_two_worktrees_there(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path, monkeypatch):
+    """Build-ahead and fleets build several commits at once: each local tree gets a worktree
+    of its own on the build host, so neither build sees the other's checkout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    host = load_inventory([with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)]).host(lab_host.name)
+    playbook, _ = playbook_variant()
+    shas = [lab_repo.shas[CULPRIT - 1], lab_repo.shas[CULPRIT]]
+    trees = []
+    for i, sha in enumerate(shas):
+        wt = tmp_path / f"wt{i}"
+        subprocess.run(["git", "-C", str(lab_repo.path), "worktree", "add", "-q", "--detach", str(wt), sha], check=True)
+        trees.append(wt)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda i: build(trees[i], playbook, shas[i], tmp_path / f"s{i}" / "build.log",
+                                                    Deadline.after(300), on=host.builder), range(2)))
+    finally:
+        for wt in trees:
+            subprocess.run(["git", "-C", str(lab_repo.path), "worktree", "remove", "--force", str(wt)], check=False)
+    assert [r.ok for r in results] == [True, True], [r.log.read_text() for r in results]
+    assert [r.release for r in results] == [f"6.1.0-lab-fb{s[:12]}" for s in shas]
+    assert slot(trees[0]) != slot(trees[1])
+    for wt, sha in zip(trees, shas):
+        there = forge.base_dir / "build" / "trees" / slot(wt)
+        assert subprocess.run(["git", "-C", str(there), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip() == sha
