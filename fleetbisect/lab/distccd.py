@@ -1,8 +1,9 @@
 """The lab's distcc daemon: a real `distccd` on a free loopback port, with its statistics
 server, so a test can prove a compile went through it (`stats()["dcc_compile_ok"]`).
 
-    with LabDistccd.start(Path("/tmp/lab/distcc")) as d:
-        ...  DISTCC_HOSTS=f"127.0.0.1:{d.port}"  ...
+    d = LabDistccd.start(Path("/tmp/lab/distcc"))
+    ...  DISTCC_HOSTS=d.host_spec, d.compiled()  ...
+    d.stop()
 
 It is started in a session of its own and stopped by its PID (SIGTERM: the master takes its
 workers down with it), then whatever is left in its process group is killed; a finalizer does
@@ -20,7 +21,7 @@ import urllib.request
 import weakref
 from pathlib import Path
 
-from .vmhost import free_port
+from .vmhost import free_port, processes
 
 DISTCCD = shutil.which("distccd") or "/usr/bin/distccd"
 START_TIMEOUT = 10.0
@@ -31,22 +32,6 @@ class LabDistccdError(RuntimeError):
     pass
 
 
-def _group(pgid: int) -> list[int]:
-    """PIDs whose process group is `pgid` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid:
-            found.append(int(entry))
-    return found
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -55,7 +40,7 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for pid in _group(proc.pid):  # workers the master left behind: ours, by our group id
+    for pid in [pid for pid, _, pgid in processes() if pgid == proc.pid]:  # workers left behind: our group
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -120,9 +105,3 @@ class LabDistccd:
 
     def stop(self) -> None:
         self._finalizer()
-
-    def __enter__(self) -> "LabDistccd":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

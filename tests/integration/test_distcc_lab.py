@@ -63,8 +63,11 @@ def tiny_repo(tmp_path_factory):
 @pytest.fixture
 def daemon(tmp_path):
     assert shutil.which("distccd") and shutil.which("distcc"), ".ci/setup installs distcc"
-    with LabDistccd.start(tmp_path / "distccd") as d:
+    d = LabDistccd.start(tmp_path / "distccd")
+    try:
         yield d
+    finally:
+        d.stop()
 
 
 def tiny_playbook(tmp_path, hosts: list[str], fallback: bool = False):
