@@ -21,11 +21,11 @@ import urllib.request
 import weakref
 from pathlib import Path
 
+from .libvirtd import _stop as terminate
 from .vmhost import free_port, processes
 
 DISTCCD = shutil.which("distccd") or "/usr/bin/distccd"
 START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 
 
 class LabDistccdError(RuntimeError):
@@ -33,13 +33,7 @@ class LabDistccdError(RuntimeError):
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate([proc])  # SIGTERM (the master takes its workers down), SIGKILL after a grace
     for pid in [pid for pid, _, pgid in processes() if pgid == proc.pid]:  # workers left behind: our group
         try:
             os.kill(pid, signal.SIGKILL)
