@@ -7,14 +7,16 @@ itself (a bare-metal host that builds its own kernel calls `build_on` with its o
    repository on the builder, `WORK_DIR/repo.git`, with real `git push` through the OpenSSH
    client, configured exactly as the paramiko path resolves and checks the host (its own
    ssh_config and known_hosts: strict host key checking, batch mode; remote/openssh.py).
-2. It is checked out in `WORK_DIR/tree`, a worktree that stays between steps, so `make` there is
-   incremental, and the playbook's build command runs in it, bounded on the builder by
-   `timeout -k` and on the controller by the build deadline. The environment (LOCALVERSION,
-   build.env, distcc's) travels in a 0600 file fed on stdin and removed at once, never on a
-   command line.
-3. The log comes back masked into the step's build.log; the artifacts come back into a local
-   content-addressed cache (only those whose sha256 is not there yet), and the push stage sends
-   them on to the test host as it does after a local build.
+2. It is checked out in `WORK_DIR/trees/<slot>`, a worktree of its own per local worktree
+   (`slot`) that stays between steps, so `make` there is incremental, and the playbook's build
+   command runs in it, all in one SSH session per step, bounded on the builder by `timeout -k`
+   and on the controller by the build deadline. The environment (LOCALVERSION, build.env,
+   distcc's) travels on stdin into a 0600 file that is removed before the build starts, never
+   on a command line.
+3. The log (0600 on the builder, overwritten by the next build) comes back masked into the
+   step's build.log; the artifacts come back into a local content-addressed cache (only those
+   whose sha256 is not there yet), and the push stage sends them on to the test host as it
+   does after a local build.
 
 A build that fails is the commit's (skip, as after a local build); a builder that cannot be
 reached or a push/pull that fails is infrastructure: retried, then the run stops (RunAborted)
@@ -89,33 +91,44 @@ def env_script(playbook, commit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# $1 work dir, $2 bare repo, $3 worktree, $4 commit
-PREPARE = r"""set -e
-mkdir -p "$1" "$(dirname "$3")"
-[ -d "$2" ] || git init -q --bare "$2"
-if [ -e "$3/.git" ]; then
-  git -C "$3" cherry-pick --abort >/dev/null 2>&1 || true
-  git -C "$3" checkout -q --detach --force "$4"
-else
-  git -C "$2" worktree prune
-  git -C "$2" worktree add -q --detach "$3" "$4"
-fi
-"""
-
-# $1 worktree, $2 env file, $3 build log, $4 build command, then the cherry-picks
-BUILD = r"""tree=$1 envf=$2 logf=$3 cmd=$4; shift 4
-cd "$tree" || exit 97
-. "$envf"; rm -f "$envf"
-{
-  for pick in "$@"; do
+# One session per step does all the work on the builder (each session costs a round trip and
+# a process start there). $1 bare repo, $2 worktree, $3 env file, $4 log, $5 commit, $6 build
+# command, $7 release file ("" for none), $8 count of cherry-picks, then the picks, then the
+# artifact paths. The environment script comes on stdin. Prints `fleetbisect-* ...` lines.
+STEP = r"""repo=$1 tree=$2 envf=$3 logf=$4 commit=$5 cmd=$6 relf=$7 npicks=$8; shift 8
+umask 077
+mkdir -p "$(dirname "$tree")" || exit 97
+cat > "$envf" || exit 97
+(
+  set -e
+  if [ -e "$tree/.git" ]; then
+    git -C "$tree" cherry-pick --abort >/dev/null 2>&1 || true
+    git -C "$tree" checkout -q --detach --force "$commit"
+  else
+    git -C "$repo" worktree prune
+    git -C "$repo" worktree add -q --detach "$tree" "$commit"
+  fi
+) >"$logf" 2>&1 || { rm -f "$envf"; echo "fleetbisect-status 97"; cat "$logf" >&2; exit 0; }
+picks=""; i=0
+while [ $i -lt "$npicks" ]; do picks="$picks $1"; shift; i=$((i + 1)); done
+(
+  cd "$tree" || exit 97
+  . "$envf"; rm -f "$envf"
+  for pick in $picks; do
     echo "$ git cherry-pick --no-commit $pick"
     git cherry-pick --no-commit "$pick" || { echo "fleetbisect: cherry-pick $pick does not apply"; exit 98; }
   done
   echo "$ bash -c $cmd"
-  bash -c "$cmd"
-} >"$logf" 2>&1
+  exec bash -c "$cmd"
+) >"$logf" 2>&1 </dev/null
+echo "fleetbisect-status $?"
+rm -f "$envf"
+[ -z "$relf" ] || [ ! -f "$tree/$relf" ] || echo "fleetbisect-release $(head -c 4096 "$tree/$relf" | tr -d '\n')"
+for f; do
+  if [ -f "$tree/$f" ]; then echo "fleetbisect-sum $(sha256sum < "$tree/$f" | cut -d' ' -f1)"; else echo "fleetbisect-sum missing"; fi
+done
+[ -z "$picks" ] || git -C "$tree" reset -q --hard "$commit"
 """
-
 
 def _git_ssh_env(params, tmp: Path) -> dict[str, str]:
     config = tmp / "ssh_config"
@@ -147,29 +160,26 @@ def cache_dir() -> Path:
     return Path(base) / "fleetbisect" / "artifacts"
 
 
-def pull_artifacts(remote: Remote, paths: Paths, playbook, dest: Path, deadline: Deadline
+def pull_artifacts(remote: Remote, paths: Paths, playbook, sums: list[str], dest: Path, deadline: Deadline
                    ) -> tuple[dict[str, Path], list[str], dict[str, int]]:
-    """The artifacts into `dest/<sha256>` (only those not there yet); (artifacts, missing,
-    bytes pulled per artifact)."""
-    names = list(playbook.artifacts)
-    files = [posixpath.join(paths.tree, playbook.artifacts[n]) for n in names]
-    res = remote.run(["sh", "-c", 'for f; do if [ -f "$f" ]; then sha256sum "$f" | cut -d" " -f1; '
-                      'else echo missing; fi; done', "sh", *files], deadline=deadline, check=True)
-    sums = res.stdout.split()
+    """The artifacts (whose sha256 the build step printed) into `dest/<sha256>`, only those not
+    there yet; (artifacts, missing, bytes pulled per artifact)."""
     dest.mkdir(parents=True, exist_ok=True)
     artifacts, missing, pulled = {}, [], {}
-    for name, rel, path, sha in zip(names, (playbook.artifacts[n] for n in names), files, sums):
+    for (name, rel), sha in zip(playbook.artifacts.items(), sums):
         if sha == "missing":
             missing.append(f"{name}={rel}")
             continue
         local = dest / sha
         if not local.is_file():
             part = dest / f".{sha}.part"
-            stats = remote.get(path, part, deadline=deadline)
+            pulled[name] = remote.get(posixpath.join(paths.tree, rel), part, deadline=deadline).bytes
             part.rename(local)
-            pulled[name] = stats.bytes
         artifacts[name] = local
     return artifacts, missing, pulled
+
+
+_READY: set[tuple[str, str]] = set()  # (builder, work_dir) whose bare repository exists
 
 
 def build_on(builder, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline, *,
@@ -198,29 +208,32 @@ def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, dead
     paths = Paths(builder.work_dir, slot(tree))
     params = builder.ssh_params()
     started = time.monotonic()
-    picks = [git(tree, "rev-parse", f"{p}^{{commit}}").strip() for p in spec.cherry_picks]
+    picks = [git(tree, "rev-parse", f"{p}^{{commit}}").stdout.strip() for p in spec.cherry_picks]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with SSHRemote.connect(params, deadline=deadline) as remote:
-        remote.run(["sh", "-c", 'mkdir -p "$1" && { [ -d "$2" ] || git init -q --bare "$2"; }', "sh",
-                    paths.work, paths.repo], deadline=deadline, check=True)
+        if (builder.name, paths.work) not in _READY:
+            remote.run(["sh", "-c", 'mkdir -p "$1" && { [ -d "$2" ] || git init -q --bare "$2"; }', "sh",
+                        paths.work, paths.repo], deadline=deadline, check=True)
+            _READY.add((builder.name, paths.work))
         push_commits(params, tree, paths.repo, [commit, *picks], deadline, f"{REF}/{paths.slot}")
-        remote.run(["sh", "-c", PREPARE, "sh", paths.work, paths.repo, paths.tree, commit],
-                   deadline=deadline, check=True)
-        remote.run(["sh", "-c", 'umask 077 && cat > "$1"', "sh", paths.env],
-                   deadline=deadline, check=True, stdin=env_script(playbook, commit).encode())
-        status: int | None
+        argv = ["sh", "-c", STEP, "sh", paths.repo, paths.tree, paths.env, paths.log, commit, spec.command,
+                spec.release_file or "", str(len(picks)), *picks, *playbook.artifacts.values()]
         try:
-            status = remote.run(["sh", "-c", BUILD, "sh", paths.tree, paths.env, paths.log, spec.command, *picks],
-                                deadline=deadline).exit_status
+            res = remote.run(argv, deadline=deadline, stdin=env_script(playbook, commit).encode())
+            out = dict(line.split(" ", 1) for line in res.stdout.splitlines()
+                       if line.startswith("fleetbisect-") and " " in line and not line.startswith("fleetbisect-sum"))
+            sums = [line.split(" ", 1)[1] for line in res.stdout.splitlines() if line.startswith("fleetbisect-sum ")]
+            status: int | None = int(out.get("fleetbisect-status", "97"))
         except CommandTimedOut:
-            status = None
-        _fetch_log(remote, paths, log_path, builder.name, spec.command)
+            status, out, sums = None, {}, []
+        if status == 97:
+            raise RemoteError(builder.name, f"could not check out {commit[:12]} in {paths.tree}: "
+                              + " | ".join(res.stderr.strip().splitlines()[-3:]))
+        _fetch_log(remote, paths, log_path, builder.name)
         seconds = time.monotonic() - started
         if status is None:
             return BuildResult(False, f"build on {builder.name} timed out after {spec.timeout:.0f}s "
                                "(build.timeout)", log_path, seconds, kind=OutcomeKind.BUILD_TIMEOUT)
-        if status == 97:
-            raise RemoteError(builder.name, f"the build could not start in {paths.tree} (exit {status})")
         if status == 98:
             return BuildResult(False, "a cherry-pick does not apply", log_path, seconds)
         if status != 0:
@@ -228,13 +241,11 @@ def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, dead
                 return BuildResult(False, f"the build ran out of disk space on {builder.name} (exit {status})",
                                    log_path, seconds, disk_full=True)
             return BuildResult(False, f"build on {builder.name} failed (exit {status})", log_path, seconds)
-        release = None
-        if spec.release_file:
-            res = remote.run(["cat", posixpath.join(paths.tree, spec.release_file)], deadline=deadline)
-            release = (res.stdout.strip() or None) if res.ok else None
-        artifacts, missing, pulled = pull_artifacts(remote, paths, playbook, dest, deadline)
-        if picks:
-            remote.run(["git", "-C", paths.tree, "reset", "--hard", "--quiet", commit], deadline=deadline)
+        release = out.get("fleetbisect-release", "").strip() or None
+        if len(sums) != len(playbook.artifacts):
+            raise RemoteError(builder.name, f"the build step reported {len(sums)} artifacts of "
+                              f"{len(playbook.artifacts)}: {res.stdout.strip()[-300:]}")
+        artifacts, missing, pulled = pull_artifacts(remote, paths, playbook, sums, dest, deadline)
     seconds = time.monotonic() - started
     if missing:
         return BuildResult(False, "build produced no " + ", ".join(missing), log_path, seconds)
@@ -248,16 +259,14 @@ def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, dead
     return BuildResult(True, f"built on {builder.name}", log_path, seconds, release, artifacts)
 
 
-def _fetch_log(remote: Remote, paths: Paths, log_path: Path, name: str, command: str) -> None:
-    """The builder's log into `log_path`, masked; then removed there (it may hold secrets)."""
+def _fetch_log(remote: Remote, paths: Paths, log_path: Path, name: str) -> None:
+    """The builder's log (0600 there, overwritten by the next build) into `log_path`, masked."""
     with tempfile.TemporaryDirectory(prefix="fleetbisect-log-") as tmp:
         raw = Path(tmp) / "build.log"
-        deadline = Deadline.after(PULL_TIMEOUT)
         try:
-            remote.get(paths.log, raw, deadline=deadline)
+            remote.get(paths.log, raw, deadline=Deadline.after(PULL_TIMEOUT))
         except InfraError as e:
             raw.write_text(f"fleetbisect: no build log from {name}: {e}\n")
         with open_masked(log_path, "wb") as out, open(raw, "rb") as src:
             out.write(f"fleetbisect: building on {name} in {paths.tree}\n".encode())
             shutil.copyfileobj(src, out)
-        remote.run(["rm", "-f", paths.log], deadline=deadline)

@@ -80,7 +80,7 @@ def test_a_build_on_the_build_host_gives_the_artifacts_a_local_build_gives(
     log = remote.log.read_text()
     assert "building on forge" in log and "GEN     initramfs.img" in log
     assert not work.with_name(work.name + ".env").exists()  # the environment file is gone
-    assert not work.with_name(work.name + ".log").exists()
+    assert work.with_name(work.name + ".log").stat().st_mode & 0o077 == 0  # the log there is private
 
     # The next commit: the worktree there is reused, an unchanged kernel is not pulled again.
     nxt = lab_repo.shas[CULPRIT + 1]
@@ -102,6 +102,27 @@ def test_a_commit_that_does_not_build_there_is_a_build_failure(
     assert not res.ok and not res.disk_full
     assert res.summary.startswith("build on forge failed (exit 2)")
     assert "error: implicit declaration of function 'fb_lab_helper'" in res.log.read_text()
+
+
+def test_cherry_picks_travel_with_the_commit_and_are_undone_there(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path, monkeypatch):
+    """The commit that fixes a broken build, cherry-picked onto it: pushed along, applied in the
+    build host's worktree for the build only, then reset away."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    host = load_inventory([with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)]).host(lab_host.name)
+    fix = lab_repo.shas[BUILD_FAILS + 1]
+    playbook, _ = playbook_variant({"build": {"cherry_picks": [fix]}})
+    sha = lab_repo.shas[BUILD_FAILS]
+    res = build(lab_repo.path, playbook, sha, tmp_path / "b" / "build.log", Deadline.after(120), on=host.builder)
+    assert res.ok, res.log.read_text()
+    assert res.release.endswith(sha[:12])
+    assert f"$ git cherry-pick --no-commit {fix}" in res.log.read_text()
+    there = forge.base_dir / "build" / "trees" / slot(lab_repo.path)
+    status = subprocess.run(["git", "-C", str(there), "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True, check=True).stdout
+    head = subprocess.run(["git", "-C", str(there), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert (status, head) == ("", sha)
 
 
 def test_git_push_checks_the_build_hosts_key(lab_repo, forge, lab_host):
