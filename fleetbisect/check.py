@@ -68,7 +68,7 @@ def probe_build(host_cfg, playbook) -> list[Probe]:
     and the playbook's distcc daemons as seen from there (reachable, and a real compile goes
     through each); nothing when the build is local without distcc."""
     builder = getattr(host_cfg, "builder", None)
-    spec = playbook.build.distcc
+    spec = getattr(getattr(playbook, "build", None), "distcc", None)
     if builder is None:
         return [Probe(*p) for p in distcc.probe(spec, LocalRemote(), Deadline.after(120))] if spec else []
     probes = []
