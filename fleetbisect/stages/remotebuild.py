@@ -93,11 +93,17 @@ def env_script(playbook, commit: str) -> str:
 
 # One session per step does all the work on the builder (each session costs a round trip and
 # a process start there). $1 bare repo, $2 worktree, $3 env file, $4 log, $5 commit, $6 build
-# command, $7 release file ("" for none), $8 count of cherry-picks, then the picks, then the
-# artifact paths. The environment script comes on stdin. Prints `fleetbisect-* ...` lines.
-STEP = r"""repo=$1 tree=$2 envf=$3 logf=$4 commit=$5 cmd=$6 relf=$7 npicks=$8; shift 8
+# command, $7 release file ("" for none), $8 seconds to wait for the worktree's lock, $9 count
+# of cherry-picks, then the picks, then the artifact paths. The environment script comes on stdin. Prints `fleetbisect-* ...` lines.
+STEP = r"""repo=$1 tree=$2 envf=$3 logf=$4 commit=$5 cmd=$6 relf=$7 wait=$8 npicks=$9; shift 9
 umask 077
 mkdir -p "$(dirname "$tree")" || exit 97
+# One build at a time in a worktree: one that a dead controller left running holds the lock
+# (its processes inherit it) until it ends; waiting longer than $wait seconds is a fault.
+if command -v flock >/dev/null; then
+  exec 9>"$tree.lock"
+  flock -w "$wait" 9 || { echo "fleetbisect-status 96"; exit 0; }
+fi
 cat > "$envf" || exit 97
 (
   set -e
@@ -109,6 +115,7 @@ cat > "$envf" || exit 97
     git -C "$repo" worktree add -q --detach "$tree" "$commit"
   fi
 ) >"$logf" 2>&1 || { rm -f "$envf"; echo "fleetbisect-status 97"; cat "$logf" >&2; exit 0; }
+echo "fleetbisect-started 1"
 picks=""; i=0
 while [ $i -lt "$npicks" ]; do picks="$picks $1"; shift; i=$((i + 1)); done
 (
@@ -217,15 +224,22 @@ def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, dead
             _READY.add((builder.name, paths.work))
         push_commits(params, tree, paths.repo, [commit, *picks], deadline, f"{REF}/{paths.slot}")
         argv = ["sh", "-c", STEP, "sh", paths.repo, paths.tree, paths.env, paths.log, commit, spec.command,
-                spec.release_file or "", str(len(picks)), *picks, *playbook.artifacts.values()]
+                spec.release_file or "", str(max(1, int(deadline.remaining() / 2))), str(len(picks)), *picks,
+                *playbook.artifacts.values()]
         try:
             res = remote.run(argv, deadline=deadline, stdin=env_script(playbook, commit).encode())
             out = dict(line.split(" ", 1) for line in res.stdout.splitlines()
                        if line.startswith("fleetbisect-") and " " in line and not line.startswith("fleetbisect-sum"))
             sums = [line.split(" ", 1)[1] for line in res.stdout.splitlines() if line.startswith("fleetbisect-sum ")]
             status: int | None = int(out.get("fleetbisect-status", "97"))
-        except CommandTimedOut:
+        except CommandTimedOut as e:
+            if "fleetbisect-started" not in (e.partial.stdout if e.partial else ""):
+                raise RemoteError(builder.name, f"the deadline passed before the build could start in {paths.tree} "
+                                  "(waiting for another build there, or a slow checkout)") from None
             status, out, sums = None, {}, []
+        if status == 96:
+            raise RemoteError(builder.name, f"{paths.tree} is busy with another build (one a controller that "
+                              "died left running?): waited for it in vain")
         if status == 97:
             raise RemoteError(builder.name, f"could not check out {commit[:12]} in {paths.tree}: "
                               + " | ".join(res.stderr.strip().splitlines()[-3:]))

@@ -14,7 +14,7 @@ import yaml
 
 from fleetbisect.config.inventory import load_inventory
 from fleetbisect.deadline import Deadline
-from fleetbisect.errors import UserError
+from fleetbisect.errors import RunAborted, UserError
 from fleetbisect.lab.vmhost import LabHost
 from fleetbisect.remote.base import RemoteError, SSHParams
 from fleetbisect.stages.build import build, sha256_file
@@ -123,6 +123,26 @@ def test_cherry_picks_travel_with_the_commit_and_are_undone_there(
     head = subprocess.run(["git", "-C", str(there), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert (status, head) == ("", sha)
+
+
+def test_a_worktree_busy_with_a_build_left_running_is_a_fault_not_a_verdict(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path, monkeypatch):
+    """A build a dead controller left running on the build host holds its worktree's lock: the
+    next build waits for it, and when it does not end in time, the run stops (no verdict)."""
+    import fcntl
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    host = load_inventory([with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)]).host(lab_host.name)
+    playbook, _ = playbook_variant()
+    there = forge.base_dir / "build" / "trees" / slot(lab_repo.path)
+    there.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{there}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunAborted, match="busy with another build|waiting for another build there"):
+            build(lab_repo.path, playbook, lab_repo.good, tmp_path / "b" / "build.log", Deadline.after(6),
+                  on=host.builder)
+    res = build(lab_repo.path, playbook, lab_repo.good, tmp_path / "c" / "build.log", Deadline.after(120), on=host.builder)
+    assert res.ok, res.log.read_text()  # once it is free, the build goes through
 
 
 def test_git_push_checks_the_build_hosts_key(lab_repo, forge, lab_host):
