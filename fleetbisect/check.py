@@ -20,8 +20,8 @@ from .errors import FleetbisectError
 from .remote.base import Remote, TunnelRefused
 from .remote.local import LocalRemote
 from .remote.ssh import SSHRemote
-from .stages import distcc
 from .reproducers import preflight
+from .stages import distcc
 from .stages.ready import kernel_identity
 from .ui import UI
 

@@ -16,8 +16,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
-import urllib.request
 import weakref
 from pathlib import Path
 
@@ -26,6 +26,9 @@ from .vmhost import free_port, processes
 
 DISTCCD = shutil.which("distccd") or "/usr/bin/distccd"
 START_TIMEOUT = 10.0
+
+
+STATS = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
 
 
 class LabDistccdError(RuntimeError):
@@ -42,8 +45,11 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 class LabDistccd:
-    def __init__(self, proc: subprocess.Popen, port: int, stats_port: int, log: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, stats_port: int, log: Path, address: str = "127.0.0.1",
+                 wrap=lambda argv: argv):
         self._proc = proc
+        self.address = address
+        self._wrap = wrap
         self.port = port
         self.stats_port = stats_port
         self.log = log
@@ -55,10 +61,13 @@ class LabDistccd:
 
     @property
     def host_spec(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @classmethod
-    def start(cls, base_dir: Path, *, jobs: int = 2, timeout: float = START_TIMEOUT) -> "LabDistccd":
+    def start(cls, base_dir: Path, *, jobs: int = 2, timeout: float = START_TIMEOUT, address: str = "127.0.0.1",
+              allow: str = "127.0.0.0/8", wrap=lambda argv: argv) -> "LabDistccd":
+        """`wrap` runs the daemon elsewhere, e.g. in a network namespace (NetnsPair.run_in), as
+        long as the process it starts execs the daemon (its PID is the daemon's)."""
         base_dir = Path(base_dir)
         base_dir.mkdir(parents=True, exist_ok=True)
         log = base_dir / "distccd.log"
@@ -66,13 +75,13 @@ class LabDistccd:
             port, stats_port = free_port(), free_port()
             with open(log, "ab") as out:
                 proc = subprocess.Popen(
-                    [DISTCCD, "--daemon", "--no-detach", "--listen", "127.0.0.1", "--port", str(port),
-                     "--allow", "127.0.0.0/8", "--stats", "--stats-port", str(stats_port), "--jobs", str(jobs),
-                     "--log-stderr", "--log-level", "info"],
+                    wrap([DISTCCD, "--daemon", "--no-detach", "--listen", address, "--port", str(port),
+                          "--allow", allow, "--stats", "--stats-port", str(stats_port), "--jobs", str(jobs),
+                          "--log-stderr", "--log-level", "info"]),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True, close_fds=True,
                 )
-            d = cls(proc, port, stats_port, log)
+            d = cls(proc, port, stats_port, log, address, wrap)
             if d._wait_ready(timeout):
                 return d
             d.stop()
@@ -89,10 +98,14 @@ class LabDistccd:
         return False
 
     def stats(self) -> dict[str, str]:
-        """The daemon's own counters (its --stats HTTP server): dcc_compile_ok and the rest."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/", timeout=5) as r:
-            text = r.read().decode(errors="replace")
-        return dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("dcc_") and " " in line)
+        """The daemon's own counters (its --stats HTTP server, read from where it runs):
+        dcc_compile_ok and the rest."""
+        url = f"http://{self.address}:{self.stats_port}/"
+        proc = subprocess.run(self._wrap([sys.executable, "-c", STATS, url]), capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise OSError(proc.stderr.strip()[-300:])
+        return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith("dcc_") and " " in line)
 
     def compiled(self) -> int:
         return int(self.stats()["dcc_compile_ok"])

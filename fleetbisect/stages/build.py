@@ -15,10 +15,10 @@ from pathlib import Path
 from ..deadline import Deadline
 from ..localexec import kill_orphan, run_logged
 from .. import masking
-from . import distcc
 from ..masking import open_masked
 from ..search.gitbisect import git
 from ..verdict import OutcomeKind
+from . import distcc
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def pull_artifacts(remote: Remote, paths: Paths, playbook, sums: list[str], dest
     there yet; (artifacts, missing, bytes pulled per artifact)."""
     dest.mkdir(parents=True, exist_ok=True)
     artifacts, missing, pulled = {}, [], {}
-    for (name, rel), sha in zip(playbook.artifacts.items(), sums):
+    for (name, rel), sha in zip(playbook.artifacts.items(), sums, strict=True):
         if sha == "missing":
             missing.append(f"{name}={rel}")
             continue

@@ -131,3 +131,54 @@ def test_check_compiles_through_a_live_daemon_and_names_a_dead_one(
     assert probes[name]["detail"].startswith(f"no distcc daemon answers at 127.0.0.1:{daemon.port}: "
                                              "Connection refused"), probes[name]
     assert [n for n, p in probes.items() if not p["ok"]] == [name]  # the daemon, and nothing else
+
+
+# Run inside namespace a: the build, and check's probe, as fleetbisect runs them.
+IN_NAMESPACE = """
+import json, sys
+from pathlib import Path
+from fleetbisect.config.playbook import load_playbook
+from fleetbisect.deadline import Deadline
+from fleetbisect.remote.local import LocalRemote
+from fleetbisect.stages import distcc
+from fleetbisect.stages.build import build
+repo, sha, playbook, log = sys.argv[1:5]
+pb = load_playbook(Path(playbook))
+probes = distcc.probe(pb.build.distcc, LocalRemote(), Deadline.after(120))
+res = build(Path(repo), pb, sha, Path(log), Deadline.after(300))
+print(json.dumps({"ok": res.ok, "release": res.release, "probes": probes}))
+"""
+
+
+def test_a_daemon_on_another_machine_across_a_link(tiny_repo, tmp_path):
+    """Two network namespaces joined by a veth pair play two machines: distccd in one, the
+    build (and check's probe) in the other, reaching it over the link only."""
+    from fleetbisect.lab.netns import NetnsPair
+
+    repo, sha = tiny_repo
+    subprocess.run(["git", "-C", str(repo), "clean", "-qfdx"], check=True)
+    pair = NetnsPair.create()
+    try:
+        # allowed: the link's /30 (the build on a, the stats reader on b)
+        d = LabDistccd.start(tmp_path / "distccd", address=pair.addresses["b"], allow=f"{pair.addresses['a']}/30",
+                             wrap=lambda argv: pair.run_in("b", argv))
+        try:
+            _, playbook = tiny_playbook(tmp_path, [f"{d.host_spec}/2"])
+            before = d.compiled()
+            p = subprocess.run(pair.run_in("a", [sys.executable, "-c", IN_NAMESPACE, str(repo), sha, str(playbook),
+                                                 str(tmp_path / "step" / "build.log")]),
+                               capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr
+            out = json.loads(p.stdout.strip().splitlines()[-1])
+            assert out["ok"] and out["release"] == f"1.0-tiny-fb{sha[:12]}", (tmp_path / "step" / "build.log").read_text()
+            assert out["probes"] == [[f"distcc {d.host_spec}", True, "a test compile with gcc went through the daemon"]]
+            assert d.compiled() - before == SOURCES + 1  # the build's objects and the probe's
+        finally:
+            d.stop()
+        # the daemon is not on this machine's loopback: from here (no link) nothing answers
+        assert subprocess.run(pair.run_in("a", ["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{d.port}"]),
+                              capture_output=True).returncode != 0
+    finally:
+        pair.delete()
+    assert not any(name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+                   for name in pair.names.values())

@@ -234,7 +234,7 @@ def test_builds_from_two_local_trees_at_once_use_two_worktrees_there(
     assert [r.ok for r in results] == [True, True], [r.log.read_text() for r in results]
     assert [r.release for r in results] == [f"6.1.0-lab-fb{s[:12]}" for s in shas]
     assert slot(trees[0]) != slot(trees[1])
-    for wt, sha in zip(trees, shas):
+    for wt, sha in zip(trees, shas, strict=True):
         there = forge.base_dir / "build" / "trees" / slot(wt)
         assert subprocess.run(["git", "-C", str(there), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip() == sha

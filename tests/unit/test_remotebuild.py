@@ -89,7 +89,7 @@ def test_the_remote_environment_carries_values_exactly_and_runs_nothing():
 def test_distcc_goes_first_on_path_and_sets_its_variables():
     pb = playbook(distcc={"hosts": ["127.0.0.1:3632/3", "[::1]:4000", "box"], "fallback": False})
     got = dict(zip(["PATH", "DISTCC_HOSTS", "CC", "MAKEFLAGS", "DISTCC_FALLBACK"],
-                   sourced(env_script(pb, "a" * 40), "PATH", "DISTCC_HOSTS", "CC", "MAKEFLAGS", "DISTCC_FALLBACK")))
+                   sourced(env_script(pb, "a" * 40), "PATH", "DISTCC_HOSTS", "CC", "MAKEFLAGS", "DISTCC_FALLBACK"), strict=True))
     assert got == {"PATH": "/usr/lib/distcc:/usr/bin:/bin", "DISTCC_HOSTS": "127.0.0.1:3632/3 [::1]:4000 box",
                    "CC": "distcc gcc", "MAKEFLAGS": "-j11", "DISTCC_FALLBACK": "0"}  # 3 + 4 + 4 (distcc's default)
     local = distcc.local_environment(pb.build.distcc, {"PATH": "/bin", "HOME": "/root"})
