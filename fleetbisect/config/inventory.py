@@ -91,6 +91,9 @@ class BuildHost(Strict):
     ssh: SSH
     work_dir: str = "/var/tmp/fleetbisect-build"
     source: SkipJsonSchema[str] = ""
+    # When the builder is the test host itself: its blob store (WORK_DIR/blobs), where the build
+    # leaves the kernel and initrd, so that the push stage finds them there and sends nothing.
+    blobs: SkipJsonSchema[str | None] = None
 
     _work_dir = field_validator("work_dir")(_absolute)
 
@@ -186,7 +189,8 @@ def _resolve_builders(hosts: dict[str, Host], build_hosts: dict[str, BuildHost],
         if builder is None and host.build_on in hosts:
             other = hosts[host.build_on]
             builder = BuildHost(name=other.name, ssh=other.ssh, work_dir=other.work_dir.rstrip("/") + "/build",
-                                source=other.source)
+                                source=other.source,
+                                blobs=other.work_dir.rstrip("/") + "/blobs" if other is host else None)
         if builder is None:
             known = ", ".join(sorted(build_hosts)) or "none"
             path, line = where[name]

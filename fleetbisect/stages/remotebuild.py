@@ -16,7 +16,9 @@ itself (a bare-metal host that builds its own kernel calls `build_on` with its o
 3. The log (0600 on the builder, overwritten by the next build) comes back masked into the
    step's build.log; the artifacts come back into a local content-addressed cache (only those
    whose sha256 is not there yet), and the push stage sends them on to the test host as it
-   does after a local build.
+   does after a local build. When the builder is the test host itself, the build also leaves
+   the kernel and initrd in the host's blob store, where the push stage finds them: nothing is
+   sent back.
 
 A build that fails is the commit's (skip, as after a local build); a builder that cannot be
 reached or a push/pull that fails is infrastructure: retried, then the run stops (RunAborted)
@@ -93,9 +95,10 @@ def env_script(playbook, commit: str) -> str:
 
 # One session per step does all the work on the builder (each session costs a round trip and
 # a process start there). $1 bare repo, $2 worktree, $3 env file, $4 log, $5 commit, $6 build
-# command, $7 release file ("" for none), $8 seconds to wait for the worktree's lock, $9 count
-# of cherry-picks, then the picks, then the artifact paths. The environment script comes on stdin. Prints `fleetbisect-* ...` lines.
-STEP = r"""repo=$1 tree=$2 envf=$3 logf=$4 commit=$5 cmd=$6 relf=$7 wait=$8 npicks=$9; shift 9
+# command, $7 release file ("" for none), $8 seconds to wait for the worktree's lock, $9 the test
+# host's blob store when the builder is the test host ("" otherwise), $10 count of cherry-picks,
+# then the picks, then the artifacts as NAME=PATH. The environment script comes on stdin. Prints `fleetbisect-* ...` lines.
+STEP = r"""repo=$1 tree=$2 envf=$3 logf=$4 commit=$5 cmd=$6 relf=$7 wait=$8 blobs=$9 npicks=${10}; shift 10
 umask 077
 mkdir -p "$(dirname "$tree")" || exit 97
 # One build at a time in a worktree: one that a dead controller left running holds the lock
@@ -132,7 +135,14 @@ echo "fleetbisect-status $?"
 rm -f "$envf"
 [ -z "$relf" ] || [ ! -f "$tree/$relf" ] || echo "fleetbisect-release $(head -c 4096 "$tree/$relf" | tr -d '\n')"
 for f; do
-  if [ -f "$tree/$f" ]; then echo "fleetbisect-sum $(sha256sum < "$tree/$f" | cut -d' ' -f1)"; else echo "fleetbisect-sum missing"; fi
+  name=${f%%=*} f=${f#*=}
+  if [ ! -f "$tree/$f" ]; then echo "fleetbisect-sum missing"; continue; fi
+  sum=$(sha256sum < "$tree/$f" | cut -d' ' -f1)
+  echo "fleetbisect-sum $sum"
+  # the builder is the test host: straight into its blob store (an image travels encoded: not it)
+  if [ -n "$blobs" ] && [ "$name" != image ] && [ ! -e "$blobs/$sum" ]; then
+    mkdir -p "$blobs" && cp "$tree/$f" "$blobs/.$sum.$$" && chmod 644 "$blobs/.$sum.$$" && mv -f "$blobs/.$sum.$$" "$blobs/$sum"
+  fi
 done
 [ -z "$picks" ] || git -C "$tree" reset -q --hard "$commit"
 """
@@ -224,8 +234,8 @@ def _build_once(builder, tree: Path, playbook, commit: str, log_path: Path, dead
             _READY.add((builder.name, paths.work))
         push_commits(params, tree, paths.repo, [commit, *picks], deadline, f"{REF}/{paths.slot}")
         argv = ["sh", "-c", STEP, "sh", paths.repo, paths.tree, paths.env, paths.log, commit, spec.command,
-                spec.release_file or "", str(max(1, int(deadline.remaining() / 2))), str(len(picks)), *picks,
-                *playbook.artifacts.values()]
+                spec.release_file or "", str(max(1, int(deadline.remaining() / 2))), builder.blobs or "",
+                str(len(picks)), *picks, *(f"{k}={v}" for k, v in playbook.artifacts.items())]
         try:
             res = remote.run(argv, deadline=deadline, stdin=env_script(playbook, commit).encode())
             out = dict(line.split(" ", 1) for line in res.stdout.splitlines()

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -143,6 +144,32 @@ def test_a_worktree_busy_with_a_build_left_running_is_a_fault_not_a_verdict(
                   on=host.builder)
     res = build(lab_repo.path, playbook, lab_repo.good, tmp_path / "c" / "build.log", Deadline.after(120), on=host.builder)
     assert res.ok, res.log.read_text()  # once it is free, the build goes through
+
+
+def test_a_host_that_builds_its_own_kernel_has_it_in_place_and_the_push_sends_nothing(
+        lab_repo, inventory_file, lab_host, playbook_variant, tmp_path, monkeypatch):
+    """A box that builds its own kernel (bare metal): `build_on` names the host itself; the build
+    leaves kernel and initrd in its blob store, where the push stage finds them."""
+    from fleetbisect.remote.ssh import SSHRemote
+    from fleetbisect.stages.push import push
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = yaml.safe_load(inventory_file.read_text())
+    data["hosts"][lab_host.name]["build_on"] = lab_host.name
+    (tmp_path / "self.yaml").write_text(yaml.safe_dump(data))
+    host = load_inventory([tmp_path / "self.yaml"]).host(lab_host.name)
+    assert host.builder.blobs == f"{host.work_dir}/blobs" and host.builder.work_dir == f"{host.work_dir}/build"
+    playbook, _ = playbook_variant()
+    sha = lab_repo.shas[CULPRIT]
+    res = build(lab_repo.path, playbook, sha, tmp_path / "b" / "build.log", Deadline.after(120), on=host.builder)
+    assert res.ok and res.summary == f"built on {lab_host.name}", res.log.read_text()
+    for path in res.artifacts.values():
+        there = Path(host.work_dir) / "blobs" / sha256_file(path)
+        assert there.read_bytes() == path.read_bytes()
+    with SSHRemote.connect(host.ssh_params(), deadline=Deadline.after(15)) as conn:
+        pushed = push(conn, host.work_dir, res.artifacts, Deadline.after(60))
+    assert pushed.uploaded == {}  # nothing crossed the link again
+    assert set(pushed.remote_paths) == {"kernel", "initrd"}
 
 
 def test_git_push_checks_the_build_hosts_key(lab_repo, forge, lab_host):

@@ -43,9 +43,13 @@ def test_build_on_names_a_build_host_of_another_file(tmp_path):
 
 def test_a_host_that_builds_its_own_kernel(tmp_path):
     """A bare-metal box names itself: it builds in WORK_DIR/build, reached as the host is."""
-    inv = load_inventory([write(tmp_path / "a.yaml", {"hosts": {"metal": host("metal", work_dir="/var/fb")}})])
+    inv = load_inventory([write(tmp_path / "a.yaml", {"hosts": {"metal": host("metal", work_dir="/var/fb"),
+                                                                "vm": host("metal", port=2224)}})])
     b = inv.host("metal").builder
-    assert (b.name, b.work_dir, b.ssh.port) == ("metal", "/var/fb/build", 2222)
+    assert (b.name, b.work_dir, b.ssh.port, b.blobs) == ("metal", "/var/fb/build", 2222, "/var/fb/blobs")
+    # another host that builds there: the kernel comes back, its blobs are not metal's
+    other = inv.host("vm").builder
+    assert (other.name, other.ssh.port, other.blobs) == ("metal", 2222, None)
 
 
 def test_an_unknown_build_host_is_named_with_its_line(tmp_path):
