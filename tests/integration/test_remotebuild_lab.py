@@ -28,10 +28,8 @@ from .conftest import BUILD_FAILS, CULPRIT
 def forge(tmp_path_factory):
     """The build host: its own sshd on loopback, stopped by PID at the end."""
     host = LabHost.start(tmp_path_factory.mktemp("forge"), name="forge")
-    try:
-        yield host
-    finally:
-        host.stop()
+    yield host  # pytest runs the rest however the tests ended (and LabHost has a finalizer)
+    host.stop()
 
 
 def with_build_host(inventory_file, forge, dest, host_name):
