@@ -97,7 +97,8 @@ def env_script(playbook, commit: str) -> str:
 # a process start there). $1 bare repo, $2 worktree, $3 env file, $4 log, $5 commit, $6 build
 # command, $7 release file ("" for none), $8 seconds to wait for the worktree's lock, $9 the test
 # host's blob store when the builder is the test host ("" otherwise), $10 count of cherry-picks,
-# then the picks, then the artifacts as NAME=PATH. The environment script comes on stdin. Prints `fleetbisect-* ...` lines.
+# then the picks, then the artifacts as NAME=PATH. The environment script comes on stdin.
+# Prints `fleetbisect-* ...` lines.
 STEP = r"""repo=$1 tree=$2 envf=$3 logf=$4 commit=$5 cmd=$6 relf=$7 wait=$8 blobs=$9 npicks=${10}; shift 10
 umask 077
 mkdir -p "$(dirname "$tree")" || exit 97
@@ -212,6 +213,7 @@ def build_on(builder, tree: Path, playbook, commit: str, log_path: Path, deadlin
             return _build_once(builder, tree, playbook, commit, log_path, deadline, dest or cache_dir())
         except InfraError as e:  # a host key or config problem (UserError) is not retried
             last = str(e)
+            _READY.discard((builder.name, builder.work_dir))  # its work dir may be gone: set it up again
             log.warning("build on %s failed (attempt %d/%d): %s", builder.name, attempt + 1, retries + 1, e)
             if deadline.expired:
                 break
