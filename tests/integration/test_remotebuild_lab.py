@@ -170,6 +170,22 @@ def test_a_host_that_builds_its_own_kernel_has_it_in_place_and_the_push_sends_no
     assert set(pushed.remote_paths) == {"kernel", "initrd"}
 
 
+def test_a_build_host_whose_work_dir_was_wiped_is_set_up_again(
+        lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    host = load_inventory([with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)]).host(lab_host.name)
+    playbook, _ = playbook_variant()
+    first = build(lab_repo.path, playbook, lab_repo.good, tmp_path / "a" / "build.log", Deadline.after(120),
+                  on=host.builder)
+    assert first.ok, first.log.read_text()
+    shutil.rmtree(forge.base_dir / "build")  # someone cleaned the build host between two steps
+    again = build(lab_repo.path, playbook, lab_repo.bad, tmp_path / "b" / "build.log", Deadline.after(120),
+                  on=host.builder)
+    assert again.ok and again.release.endswith(lab_repo.bad[:12]), again.log.read_text()
+
+
 def test_git_push_checks_the_build_hosts_key(lab_repo, forge, lab_host):
     """The push goes through OpenSSH with exactly the keys the inventory accepts: another
     machine's key (here the lab host's) refuses it."""
