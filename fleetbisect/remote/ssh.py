@@ -32,7 +32,7 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import paramiko
 
@@ -185,6 +185,11 @@ class SSHRemote:
         self._broken = reason
         close_all([self._transport, *reversed(self._jumps)])
 
+    def abort(self, reason: str) -> None:
+        """Cut the connection from another thread (a stall watcher): whatever call is blocked
+        on it raises; never blocks."""
+        self._cut(reason)
+
     @contextlib.contextmanager
     def _watchdog(self, deadline: Deadline, what: str, grace: float = GRACE) -> Iterator[None]:
         """Cut the connection if the block is still running `grace` seconds past the deadline."""
@@ -202,11 +207,13 @@ class SSHRemote:
     # commands ----------------------------------------------------------------------------
 
     def run(self, command: str | Sequence[str], *, deadline: Deadline, check: bool = False,
-            stdin: bytes | None = None) -> Result:
+            stdin: bytes | None = None, output: Callable[[bytes], None] | None = None) -> Result:
+        """`output(data)`, when given, hears each piece of output (stdout or stderr) as it comes
+        (a stall watcher)."""
         cmd = command_string(command)
         started = time.monotonic()
         log.debug("%s: run: %s", self.name, cmd)
-        out, err = OutputTail(), OutputTail()
+        out, err = (OutputTail(), OutputTail()) if output is None else _heard(output)
 
         def partial() -> Result:
             return Result(cmd, -1, out.text(), err.text(), time.monotonic() - started)
@@ -465,6 +472,17 @@ def _settimeout(sftp: paramiko.SFTPClient, deadline: Deadline, floor: float = 0.
     if deadline.expired and floor <= 0.001:
         raise TimeoutError("deadline passed")
     sftp.sock.settimeout(_left(deadline, floor))
+
+
+def _heard(output: Callable[[bytes], None]) -> tuple[OutputTail, OutputTail]:
+    """stdout and stderr tails that also hand each piece to `output`."""
+
+    class Heard(OutputTail):
+        def add(self, data: bytes) -> None:
+            super().add(data)
+            output(data)
+
+    return Heard(), Heard()
 
 
 def _pump(chan: paramiko.Channel, stdin: bytes | None, out: OutputTail, err: OutputTail,
