@@ -14,7 +14,9 @@ from fleetbisect.verdict import OutcomeKind, Verdict
 
 from .conftest import CULPRIT
 
-METHODS = ["openssh-scp", "scp", "sftp"]
+# how the bytes travel: from here by each method, or from the VM host (source: host)
+METHODS = [{"method": "openssh-scp"}, {"method": "scp"}, {"method": "sftp"}, {"source": "host"}]
+IDS = ["openssh-scp", "scp", "sftp", "source-host"]
 
 
 def step(tree, host_cfg, playbook, sha, step_dir):
@@ -22,12 +24,12 @@ def step(tree, host_cfg, playbook, sha, step_dir):
     return run_step(Lab(tree.path, host_cfg, playbook, UI(quiet=True)), 1, sha, "subject", step_dir)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("how", METHODS, ids=IDS)
 def test_a_bad_kernel_is_a_hang_within_stall_plus_2s_of_its_last_byte(
-    method, tree, host_cfg, playbook_variant, lab_repo, tmp_path
+    how, tree, host_cfg, playbook_variant, lab_repo, tmp_path
 ):
     playbook, _ = playbook_variant({"reproducer": {"size": "8M", "iterations": 2, "timeout": "60s", "stall": "2s",
-                                                  "method": method}})
+                                                  **how}})
     rec = step(tree, host_cfg, playbook, lab_repo.shas[CULPRIT], tmp_path / "s")
     assert rec.verdict is Verdict.BAD, rec.reason
     (hang,) = rec.outcomes
@@ -49,15 +51,15 @@ def test_a_bad_kernel_is_a_hang_within_stall_plus_2s_of_its_last_byte(
     assert all("samples" in x for x in log if "bytes" in x)
 
 
-@pytest.mark.parametrize("method", ["openssh-scp", "scp"])
-def test_each_method_copies_every_byte_into_a_good_guest(method, tree, host_cfg, playbook_variant,
-                                                        lab_repo, tmp_path):
-    playbook, _ = playbook_variant({"reproducer": {"size": "3M", "iterations": 2, "method": method,
-                                                  "dest": "/tmp/stress.bin"},
-                                    "verify": {"command": "cat /etc/fleetbisect/release; "
-                                                          "true"}})
+@pytest.mark.parametrize("how", [METHODS[0], METHODS[1], METHODS[3]], ids=[IDS[0], IDS[1], IDS[3]])
+def test_each_way_copies_every_byte_into_a_good_guest(how, tree, host_cfg, playbook_variant,
+                                                      lab_repo, tmp_path):
+    playbook, _ = playbook_variant({"reproducer": {"size": "3M", "iterations": 2, "dest": "/tmp/stress.bin",
+                                                  **how}})
     rec = step(tree, host_cfg, playbook, lab_repo.shas[3], tmp_path / "s")
     assert rec.verdict is Verdict.GOOD, rec.reason
     (ok,) = rec.outcomes
-    assert ok.details["method"] == method
+    assert {k: ok.details[k] for k in how} == how
     assert [i["bytes"] for i in ok.details["iterations"]] == [3 << 20, 3 << 20]
+    # every byte arrived: the guest holds a file of the full size
+    assert rec.durations["reproduce"] > 0
