@@ -54,7 +54,7 @@ from .base import (
 )
 from .connect import close_all, left as _left, open_chain, short as _short
 from .endpoint import Endpoint, resolve
-from .local import OutputTail
+from .local import OutputTail, heard_tails
 
 log = logging.getLogger("fleetbisect.remote")
 
@@ -186,8 +186,7 @@ class SSHRemote:
         close_all([self._transport, *reversed(self._jumps)])
 
     def abort(self, reason: str) -> None:
-        """Cut the connection from another thread (a stall watcher): whatever call is blocked
-        on it raises; never blocks."""
+        """Cut the connection from another thread (a stall watcher); never blocks."""
         self._cut(reason)
 
     @contextlib.contextmanager
@@ -208,12 +207,11 @@ class SSHRemote:
 
     def run(self, command: str | Sequence[str], *, deadline: Deadline, check: bool = False,
             stdin: bytes | None = None, output: Callable[[bytes], None] | None = None) -> Result:
-        """`output(data)`, when given, hears each piece of output (stdout or stderr) as it comes
-        (a stall watcher)."""
+        """`output(data)` hears each piece of stdout/stderr as it comes (a stall watcher)."""
         cmd = command_string(command)
         started = time.monotonic()
         log.debug("%s: run: %s", self.name, cmd)
-        out, err = (OutputTail(), OutputTail()) if output is None else _heard(output)
+        out, err = (OutputTail(), OutputTail()) if output is None else heard_tails(output)
 
         def partial() -> Result:
             return Result(cmd, -1, out.text(), err.text(), time.monotonic() - started)
@@ -472,17 +470,6 @@ def _settimeout(sftp: paramiko.SFTPClient, deadline: Deadline, floor: float = 0.
     if deadline.expired and floor <= 0.001:
         raise TimeoutError("deadline passed")
     sftp.sock.settimeout(_left(deadline, floor))
-
-
-def _heard(output: Callable[[bytes], None]) -> tuple[OutputTail, OutputTail]:
-    """stdout and stderr tails that also hand each piece to `output`."""
-
-    class Heard(OutputTail):
-        def add(self, data: bytes) -> None:
-            super().add(data)
-            output(data)
-
-    return Heard(), Heard()
 
 
 def _pump(chan: paramiko.Channel, stdin: bytes | None, out: OutputTail, err: OutputTail,
