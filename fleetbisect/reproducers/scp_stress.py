@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 
 from ..deadline import Deadline
@@ -25,8 +24,11 @@ from .watch import Watch
 # $1 dest, $2 bytes. Prints why the guest cannot hold the file there, or nothing. Read-only,
 # but for a probe file created and removed next to the destination.
 _PREFLIGHT = r"""
-d=$1; size=$2
+d=$1; size=$2; method=$3
 case "$d" in /*) ;; *) echo "dest $d is not an absolute path"; exit 0;; esac
+if [ "$method" != sftp ] && ! command -v scp >/dev/null 2>&1; then
+  echo "the guest has no scp for method: $method (method: sftp uses its sftp-server, or cat)"; exit 0
+fi
 if [ -e "$d" ] && [ ! -f "$d" ]; then echo "dest $d exists and is not a regular file: a copy there proves nothing"; exit 0; fi
 dir=$(dirname "$d")
 [ -d "$dir" ] || { echo "the directory $dir does not exist in the guest"; exit 0; }
@@ -40,17 +42,10 @@ if [ "${1:-0}" -gt 0 ] && [ $(( (${2:-0} + have) * 1024 )) -lt "$size" ]; then
 fi
 """
 
-# What a write into the guest says when the guest's environment, not its kernel, refused it.
-_ENVIRONMENT = re.compile(
-    r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|"
-    r"Operation not permitted|No such file or directory|Is a directory|bytes written, expected",
-    re.IGNORECASE,
-)
-
-
 def preflight(spec, guest: Remote, deadline: Deadline) -> str | None:
     """Why `dest` cannot receive `size` bytes in this guest, or None."""
-    res = guest.run(["sh", "-c", _PREFLIGHT, "sh", spec.dest, str(spec.size)], deadline=deadline)
+    method = "openssh-scp" if spec.source == "host" else spec.method
+    res = guest.run(["sh", "-c", _PREFLIGHT, "sh", spec.dest, str(spec.size), method], deadline=deadline)
     problem = res.stdout.strip()
     if not res.ok and not problem:
         problem = f"the preflight exited {res.exit_status}: {res.stderr.strip()[-200:]}"
@@ -66,7 +61,7 @@ def environment_fault(spec, ctx: ReproContext, error: str) -> str | None:
         problem = None  # the guest stopped answering: not an environment question
     if problem:
         return problem
-    m = _ENVIRONMENT.search(error)
+    m = transfer.ENVIRONMENT.search(error)
     return f"the guest's filesystem refused the write ({m.group(0)})" if m else None
 
 

@@ -18,7 +18,9 @@ written through its own `put_stream`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -32,6 +34,14 @@ from ..remote.ssh import SSHRemote
 from .watch import TICK, Watch
 
 BLOCK = 1 << 20
+log = logging.getLogger("fleetbisect.reproducers")
+# What a write into the guest says when the guest's environment, not its kernel, refused it
+# (not OpenSSH's "Permission denied (publickey)": that is the login).
+ENVIRONMENT = re.compile(
+    r"No space left on device|Disk quota exceeded|Permission denied(?! \()|Read-only file system|"
+    r"Operation not permitted|No such file or directory|Is a directory|bytes written, expected",
+    re.IGNORECASE,
+)
 
 
 class PatternSource:
@@ -84,7 +94,14 @@ def put(method: str, guest: Remote, size: int, dest: str, deadline: Deadline, wa
         return guest.put_stream(PatternSource(size, block), size, dest, deadline=deadline,
                                 progress=watch.progress)
     if method == "openssh-scp" and openssh.available():
-        return openssh_scp(guest, size, dest, deadline, watch, via_host)
+        try:
+            return openssh_scp(guest, size, dest, deadline, watch, via_host)
+        except openssh.Unusable as e:
+            # OpenSSH failed before a byte moved where paramiko logged in: the scp protocol over
+            # that login tells whether the guest takes the file (never a verdict from OpenSSH's
+            # own trouble)
+            log.warning("%s: OpenSSH scp failed before any byte moved (%s); using the scp protocol",
+                        guest.name, e)
     watch.on_stall = guest.abort
     if method in ("scp", "openssh-scp"):
         return scp_protocol.put(guest.transport(deadline), guest.name, PatternSource(size, block), size,
@@ -149,4 +166,6 @@ def openssh_scp(guest, size: int, dest: str, deadline: Deadline, watch: Watch,
         return TransferStats(dest, size, time.monotonic() - started)
     if watch.stalled or watch.timed_out or deadline.expired:
         raise TransferTimedOut(guest.name, dest, deadline.seconds, watch.done)
+    if watch.done == 0 and not ENVIRONMENT.search(err):
+        raise openssh.Unusable(err[-300:] or f"exit {proc.returncode}")
     raise RemoteError(guest.name, f"scp to {dest} failed: {err[-300:] or f'exit {proc.returncode}'}")
