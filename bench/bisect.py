@@ -21,14 +21,19 @@ Numbers under TCG on a machine shared with other work: the ratio is what compare
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
+
+# This file is named like the standard library's `bisect` (which `random` imports): its own
+# directory must not shadow it.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
+import argparse  # noqa: E402
 import json
 import logging
-import os
 import shlex
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
