@@ -30,6 +30,7 @@ from .remote.base import RemoteError
 from .report import Report
 from .search.gitbisect import Bisect, git, resolve, subject
 from .stages.build import kill_orphan_build
+from .stages.buildahead import Builds, bisect_next, bisect_upcoming
 from .stages.ready import kernel_identity
 from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, run_step
 from .ui import UI, log_to_file
@@ -252,7 +253,10 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                 # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
                 journal.guard = keeper.check
                 bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper), journal, report, bisect, hooks, ui)
+                builds = Builds(spec.repo, playbook, run_dir, ui.detail)  # its cache; builds ahead
+                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper, build=builds.build),
+                           journal, report, bisect, hooks, ui)
+                builds.upcoming = run.upcoming
                 try:
                     run.search()
                 except KeyboardInterrupt:
@@ -265,6 +269,7 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                     pass  # below: aborted, with the reason
                 finally:
                     journal.guard = None
+                    builds.close(remove=report.status not in ("interrupted", "running"))
                     if keeper.lost and report.status == "running":
                         report.status, report.message = "aborted", keeper.lost
                     write_atomic(run_dir / "bisect.log", bisect.log())
@@ -358,6 +363,7 @@ class _Run:
         self.journal, self.report, self.bisect, self.hooks, self.ui = journal, report, bisect, hooks, ui
         self.playbook = lab.playbook
         self.setup = _SetupWatch()
+        self.role = "bisect"  # of the step under way
         for rec in state.steps:
             self.setup.saw(StepRecord.from_json(rec))
 
@@ -460,7 +466,18 @@ class _Run:
         else:
             self.ui.good(f"confirmed: {culprit[:12]} is bad and its parent {parent[:12]} good on retest")
 
+    def upcoming(self, commit: str) -> list[str]:
+        """What may be tested after `commit`, either verdict (stages/buildahead.py builds it)."""
+        if self.role == "endpoint-good":
+            return [self.spec.bad]
+        if self.role == "endpoint-bad":
+            return bisect_next(self.bisect.tree)
+        if self.role == "confirm-culprit":
+            return [git(self.spec.repo, "rev-parse", f"{commit}^").stdout.strip()]
+        return bisect_upcoming(self.bisect.tree, commit) if self.role == "bisect" else []
+
     def _step(self, commit: str, role: str, *, checkout: bool = False, cached: bool = True) -> StepRecord:
+        self.role = role
         if cached:
             record = _decided(self.state, commit, self.ui)
             if record is not None:

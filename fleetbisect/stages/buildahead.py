@@ -1,0 +1,207 @@
+"""Build ahead: while a host tests commit k, build what the search may ask for next.
+
+    builds = Builds(repo, playbook, run_dir, ui)     # the run's build cache, and its builds ahead
+    lab = Lab(..., build=builds.build)               # a step builds through it
+    builds.upcoming = lambda commit: [...]           # what may come after `commit`, either verdict
+    ...
+    builds.close()                                   # stops builds ahead, keeps nothing running
+
+`Builds.build` is the build stage with the run's cache (stages/buildcache.py): a commit built
+ahead is a cache hit, one still building ahead is waited for (never built twice at once), and
+once the step's own artifacts are there, the commits `upcoming(commit)` names are handed to
+`BuildAhead.want`. For git's bisect that is the next commit if k is good and the next if k is
+bad (`bisect_upcoming`); for the searches of search/, `Search.upcoming()`.
+
+`BuildAhead` runs `build.ahead` builds at once, each in a worktree of its own under
+RUN_DIR/ahead/ (kept for the run: its next build there is incremental too), and starts one only
+while the disk holding them has `build.ahead_min_free` free. `want(commits)` replaces what is
+wanted: a build ahead of a commit no longer wanted is stopped, and so is every other one when
+the step needs a commit nobody built (`get`), so that the build the host waits for has the
+cores. A build ahead that fails is not kept: the step builds the commit itself, with its log.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..deadline import Deadline
+from ..localexec import kill_orphan
+from ..search.gitbisect import git
+from .build import PIDFILE, BuildResult, build
+from .buildcache import BuildCache
+
+
+@dataclass
+class _Slot:
+    tree: Path
+    commit: str | None = None  # building now
+    cancelled: bool = False
+
+    @property
+    def pidfile(self) -> Path:
+        return self.tree.parent / f"{self.tree.name}.{PIDFILE}"
+
+
+class BuildAhead:
+    def __init__(self, repo: Path, playbook, base: Path, cache: BuildCache, log=lambda msg: None):
+        self.repo, self.playbook, self.base, self.cache, self.log = repo, playbook, base, cache, log
+        self.slots = [_Slot(base / f"tree{i}") for i in range(playbook.build.ahead)]
+        self.wanted: list[str] = []
+        self.built: dict[str, BuildResult] = {}  # commit -> a build ahead that finished
+        self.cond = threading.Condition()
+        self.closed = False
+        self.threads = [threading.Thread(target=self._work, args=(s,), name=f"build-ahead-{i}", daemon=True)
+                        for i, s in enumerate(self.slots)]
+        for t in self.threads:
+            t.start()
+
+    # -- the API -------------------------------------------------------------------------------
+    def want(self, commits: list[str]) -> None:
+        """Build these (in this order) ahead; a build ahead of anything else is stopped."""
+        with self.cond:
+            self.wanted = [c for c in dict.fromkeys(commits) if c not in self.built]
+            for slot in self.slots:
+                if slot.commit and slot.commit not in self.wanted:
+                    self._cancel(slot)
+            self.cond.notify_all()
+
+    def get(self, commit: str, deadline: Deadline) -> BuildResult | None:
+        """The build ahead of `commit` once it is done (waiting for one under way), or None when
+        it was not built ahead. The other builds ahead are stopped: the step needs the cores."""
+        with self.cond:
+            self.wanted = []
+            for slot in self.slots:
+                if slot.commit and slot.commit != commit:
+                    self._cancel(slot)
+            while any(s.commit == commit for s in self.slots) and not deadline.expired:
+                self.cond.wait(min(1.0, max(0.01, deadline.remaining())))
+            return self.built.get(commit)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.wanted = []
+            for slot in self.slots:
+                if slot.commit:
+                    self._cancel(slot)
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    # -- the workers ---------------------------------------------------------------------------
+    def _cancel(self, slot: _Slot) -> None:
+        slot.cancelled = True
+        kill_orphan(slot.pidfile)  # the build's own process group, which we started
+
+    def _next(self, slot: _Slot) -> str | None:
+        with self.cond:
+            while not self.closed:
+                busy = {s.commit for s in self.slots}
+                todo = [c for c in self.wanted if c not in busy and c not in self.built]
+                if todo and self._room():
+                    slot.commit, slot.cancelled = todo[0], False
+                    self.wanted.remove(todo[0])
+                    return todo[0]
+                self.cond.wait(5.0)
+            return None
+
+    def _room(self) -> bool:
+        self.base.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.base).free
+        if free < self.playbook.build.ahead_min_free:
+            self.log(f"not building ahead: {free >> 20} MiB free in {self.base}, "
+                     f"build.ahead_min_free is {self.playbook.build.ahead_min_free >> 20} MiB")
+            return False
+        return True
+
+    def _work(self, slot: _Slot) -> None:
+        while (commit := self._next(slot)) is not None:
+            result = None
+            try:
+                if not (slot.tree / ".git").exists():
+                    git(self.repo, "worktree", "add", "--detach", "--force", str(slot.tree), commit)
+                git(slot.tree, "checkout", "--quiet", "--force", "--detach", commit)
+                if not slot.cancelled:
+                    started = time.monotonic()
+                    result = build(slot.tree, self.playbook, commit, self.base / "logs" / f"{commit[:12]}.log",
+                                   Deadline.after(self.playbook.build.timeout), slot.pidfile, self.cache)
+                    if result.ok and not slot.cancelled:
+                        self.log(f"built {commit[:12]} ahead in {time.monotonic() - started:.0f}s")
+            except Exception as e:  # noqa: BLE001 - a build ahead is a guess: the step builds it itself
+                self.log(f"building {commit[:12]} ahead failed: {e}")
+            with self.cond:
+                if result is not None and result.ok and not slot.cancelled:
+                    self.built[commit] = result
+                slot.commit = None
+                self.cond.notify_all()
+
+    def remove(self) -> None:
+        for slot in self.slots:
+            if (slot.tree / ".git").exists():
+                git(self.repo, "worktree", "remove", "--force", str(slot.tree), check=False)
+
+
+class Builds:
+    """The build stage as a run uses it: its cache, and its builds ahead (build.ahead > 0)."""
+
+    def __init__(self, repo: Path, playbook, run_dir: Path, log=lambda msg: None):
+        self.cache = BuildCache.for_playbook(playbook, run_dir / "build-cache")
+        self.ahead = (BuildAhead(repo, playbook, run_dir / "ahead", self.cache, log)
+                      if playbook.build.ahead and self.cache else None)
+        self.upcoming: Callable[[str], list[str]] | None = None
+        self.log = log
+
+    def build(self, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline) -> BuildResult:
+        if self.ahead is not None:
+            self.ahead.get(commit, deadline)  # a build ahead under way is waited for, not repeated
+        result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)
+        if self.ahead is not None and self.upcoming is not None:
+            try:
+                self.ahead.want(self.upcoming(commit))
+            except Exception as e:  # noqa: BLE001 - a wrong guess costs a build, never the step
+                self.log(f"cannot tell what to build ahead: {e}")
+        return result
+
+    def close(self, remove: bool = True) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+            if remove:
+                self.ahead.remove()
+
+
+def bisect_upcoming(tree: Path, commit: str) -> list[str]:
+    """What git's bisect (in `tree`) will ask for after `commit` is marked bad, then good."""
+    bad, goods, skipped = _bisect_refs(tree)
+    if bad is None or not goods:
+        return []
+    out = []
+    for nxt in (_first(tree, [commit], goods, skipped), _first(tree, [bad], [*goods, commit], skipped)):
+        if nxt and nxt != commit and nxt not in out:
+            out.append(nxt)
+    return out
+
+
+def bisect_next(tree: Path) -> list[str]:
+    """The commit git's bisect (in `tree`) asks for now, whatever is checked out there."""
+    bad, goods, skipped = _bisect_refs(tree)
+    nxt = _first(tree, [bad], goods, skipped) if bad and goods else None
+    return [nxt] if nxt else []
+
+
+def _bisect_refs(tree: Path) -> tuple[str | None, list[str], set[str]]:
+    refs = git(tree, "for-each-ref", "--format=%(refname) %(objectname)", "refs/bisect/").stdout.split("\n")
+    pairs = [ln.split() for ln in refs if ln.strip()]
+    bad = next((sha for ref, sha in pairs if ref == "refs/bisect/bad"), None)
+    goods = [sha for ref, sha in pairs if ref.startswith("refs/bisect/good-")]
+    return bad, goods, {sha for ref, sha in pairs if ref.startswith("refs/bisect/skip-")}
+
+
+def _first(tree: Path, tips: list[str], nots: list[str], skipped: set[str]) -> str | None:
+    """git's pick between `tips` and `nots` (--bisect-all: best first), skipped commits left out."""
+    lines = git(tree, "rev-list", "--bisect-all", *tips, "--not", *nots, check=False).stdout.split("\n")
+    return next((ln.split()[0] for ln in lines if ln.strip() and ln.split()[0] not in skipped), None)
