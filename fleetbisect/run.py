@@ -253,10 +253,10 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                 # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
                 journal.guard = keeper.check
                 bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-                builds = Builds(spec.repo, playbook, run_dir, ui.detail)  # its cache; builds ahead
+                builds = Builds(spec.repo, playbook, run_dir, ui.detail, bisect.tree)  # cache; builds ahead
                 run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper, build=builds.build),
                            journal, report, bisect, hooks, ui)
-                builds.upcoming = run.upcoming
+                builds.upcoming, run.scratch = run.upcoming, builds.scratch
                 try:
                     run.search()
                 except KeyboardInterrupt:
@@ -471,10 +471,10 @@ class _Run:
         if self.role == "endpoint-good":
             return [self.spec.bad]
         if self.role == "endpoint-bad":
-            return bisect_next(self.bisect.tree)
+            return bisect_next(self.bisect.tree, self.scratch)
         if self.role == "confirm-culprit":
             return [git(self.spec.repo, "rev-parse", f"{commit}^").stdout.strip()]
-        return bisect_upcoming(self.bisect.tree, commit) if self.role == "bisect" else []
+        return bisect_upcoming(self.bisect.tree, commit, self.scratch) if self.role == "bisect" else []
 
     def _step(self, commit: str, role: str, *, checkout: bool = False, cached: bool = True) -> StepRecord:
         self.role = role

@@ -23,6 +23,7 @@ cores. A build ahead that fails is not kept: the step builds the commit itself, 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -48,8 +49,11 @@ class _Slot:
 
 
 class BuildAhead:
-    def __init__(self, repo: Path, playbook, base: Path, cache: BuildCache, log=lambda msg: None):
+    def __init__(self, repo: Path, playbook, base: Path, cache: BuildCache, log=lambda msg: None,
+                 seed: Path | None = None):
         self.repo, self.playbook, self.base, self.cache, self.log = repo, playbook, base, cache, log
+        self.seed = seed  # a built tree a new worktree starts from (the run's): no full first build
+        self.seed_lock = threading.Lock()  # held while the seed tree builds, or is copied
         self.slots = [_Slot(base / f"tree{i}") for i in range(playbook.build.ahead)]
         self.wanted: list[str] = []
         self.built: dict[str, BuildResult] = {}  # commit -> a build ahead that finished
@@ -78,9 +82,21 @@ class BuildAhead:
             for slot in self.slots:
                 if slot.commit and slot.commit != commit:
                     self._cancel(slot)
-            while any(s.commit == commit for s in self.slots) and not deadline.expired:
-                self.cond.wait(min(1.0, max(0.01, deadline.remaining())))
+            # ... and waited for, so the cores are free (a cancel that came between two commands
+            # of a build misses the second: killed again until the slot is idle)
+            while any(s.commit and (s.commit == commit or s.cancelled) for s in self.slots) and not deadline.expired:
+                self.cond.wait(min(0.2, max(0.01, deadline.remaining())))
+                for slot in self.slots:
+                    if slot.commit and slot.cancelled:
+                        kill_orphan(slot.pidfile)
             return self.built.get(commit)
+
+    def settle(self, deadline: Deadline) -> bool:
+        """Wait until everything wanted was built (or given up); False at the deadline."""
+        with self.cond:
+            while (self.wanted or any(s.commit for s in self.slots)) and not deadline.expired:
+                self.cond.wait(min(1.0, max(0.01, deadline.remaining())))
+            return not (self.wanted or any(s.commit for s in self.slots))
 
     def close(self) -> None:
         with self.cond:
@@ -124,7 +140,7 @@ class BuildAhead:
             result = None
             try:
                 if not (slot.tree / ".git").exists():
-                    git(self.repo, "worktree", "add", "--detach", "--force", str(slot.tree), commit)
+                    self._add(slot.tree, commit)
                 git(slot.tree, "checkout", "--quiet", "--force", "--detach", commit)
                 if not slot.cancelled:
                     started = time.monotonic()
@@ -140,6 +156,25 @@ class BuildAhead:
                 slot.commit = None
                 self.cond.notify_all()
 
+    def _add(self, tree: Path, commit: str) -> None:
+        """A worktree of its own at `commit`. Started from a copy of the run's built tree when
+        there is one (timestamps kept): only the files that differ are rewritten, so its first
+        build is incremental, as in the run's tree."""
+        if self.seed is None or not (self.seed / ".git").exists():
+            git(self.repo, "worktree", "add", "--detach", "--force", str(tree), commit)
+            return
+        started = time.monotonic()
+        git(self.repo, "worktree", "add", "--detach", "--force", "--no-checkout", str(tree), commit)
+        with self.seed_lock:  # never a copy of a half-written object file
+            entries = [str(p) for p in self.seed.iterdir() if p.name != ".git"]
+            proc = subprocess.run(["cp", "-a", "--reflink=auto", *entries, str(tree)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise OSError(f"cannot copy {self.seed} to {tree}: {proc.stderr.strip()[-300:]}")
+        git(tree, "reset", "--quiet")  # the index of `commit`
+        git(tree, "update-index", "--quiet", "--refresh", check=False)  # files that differ stay dirty
+        git(tree, "reset", "--quiet", "--hard")  # ... and only those are rewritten
+        self.log(f"build-ahead worktree {tree.name} copied from {self.seed.name} in {time.monotonic() - started:.0f}s")
+
     def remove(self) -> None:
         for slot in self.slots:
             if (slot.tree / ".git").exists():
@@ -149,17 +184,20 @@ class BuildAhead:
 class Builds:
     """The build stage as a run uses it: its cache, and its builds ahead (build.ahead > 0)."""
 
-    def __init__(self, repo: Path, playbook, run_dir: Path, log=lambda msg: None):
+    def __init__(self, repo: Path, playbook, run_dir: Path, log=lambda msg: None, seed: Path | None = None):
         self.cache = BuildCache.for_playbook(playbook, run_dir / "build-cache")
-        self.ahead = (BuildAhead(repo, playbook, run_dir / "ahead", self.cache, log)
+        self.ahead = (BuildAhead(repo, playbook, run_dir / "ahead", self.cache, log, seed)
                       if playbook.build.ahead and self.cache else None)
         self.upcoming: Callable[[str], list[str]] | None = None
-        self.log = log
+        self.log, self.repo, self.base = log, repo, run_dir / "ahead"
 
     def build(self, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline) -> BuildResult:
         if self.ahead is not None:
             self.ahead.get(commit, deadline)  # a build ahead under way is waited for, not repeated
-        result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)
+            with self.ahead.seed_lock:
+                result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)
+        else:
+            result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)
         if self.ahead is not None and self.upcoming is not None:
             try:
                 self.ahead.want(self.upcoming(commit))
@@ -167,41 +205,55 @@ class Builds:
                 self.log(f"cannot tell what to build ahead: {e}")
         return result
 
+    @property
+    def scratch(self) -> Path:
+        """Where git is asked what its bisect would do next (bisect_upcoming)."""
+        return self.base / "bisect"
+
     def close(self, remove: bool = True) -> None:
         if self.ahead is not None:
             self.ahead.close()
             if remove:
                 self.ahead.remove()
+        if remove and (self.scratch / ".git").exists():
+            git(self.repo, "worktree", "remove", "--force", str(self.scratch), check=False)
 
 
-def bisect_upcoming(tree: Path, commit: str) -> list[str]:
-    """What git's bisect (in `tree`) will ask for after `commit` is marked bad, then good."""
+def bisect_upcoming(tree: Path, commit: str, scratch: Path) -> list[str]:
+    """What git's bisect (in `tree`) will ask for after `commit` is marked bad, then good.
+    Asked of git itself, in `scratch`: a worktree with no files, where a bisect started with
+    --no-checkout replays the run's marks plus the one supposed."""
     bad, goods, skipped = _bisect_refs(tree)
     if bad is None or not goods:
         return []
     out = []
-    for nxt in (_first(tree, [commit], goods, skipped), _first(tree, [bad], [*goods, commit], skipped)):
-        if nxt and nxt != commit and nxt not in out:
+    for nxt in (_git_next(tree, scratch, commit, goods, skipped), _git_next(tree, scratch, bad, [*goods, commit], skipped)):
+        if nxt and nxt not in (commit, bad) and nxt not in out:
             out.append(nxt)
     return out
 
 
-def bisect_next(tree: Path) -> list[str]:
+def bisect_next(tree: Path, scratch: Path) -> list[str]:
     """The commit git's bisect (in `tree`) asks for now, whatever is checked out there."""
     bad, goods, skipped = _bisect_refs(tree)
-    nxt = _first(tree, [bad], goods, skipped) if bad and goods else None
-    return [nxt] if nxt else []
+    nxt = _git_next(tree, scratch, bad, goods, skipped) if bad and goods else None
+    return [nxt] if nxt and nxt != bad else []
 
 
-def _bisect_refs(tree: Path) -> tuple[str | None, list[str], set[str]]:
+def _bisect_refs(tree: Path) -> tuple[str | None, list[str], list[str]]:
     refs = git(tree, "for-each-ref", "--format=%(refname) %(objectname)", "refs/bisect/").stdout.split("\n")
     pairs = [ln.split() for ln in refs if ln.strip()]
     bad = next((sha for ref, sha in pairs if ref == "refs/bisect/bad"), None)
     goods = [sha for ref, sha in pairs if ref.startswith("refs/bisect/good-")]
-    return bad, goods, {sha for ref, sha in pairs if ref.startswith("refs/bisect/skip-")}
+    return bad, goods, [sha for ref, sha in pairs if ref.startswith("refs/bisect/skip-")]
 
 
-def _first(tree: Path, tips: list[str], nots: list[str], skipped: set[str]) -> str | None:
-    """git's pick between `tips` and `nots` (--bisect-all: best first), skipped commits left out."""
-    lines = git(tree, "rev-list", "--bisect-all", *tips, "--not", *nots, check=False).stdout.split("\n")
-    return next((ln.split()[0] for ln in lines if ln.strip() and ln.split()[0] not in skipped), None)
+def _git_next(tree: Path, scratch: Path, bad: str, goods: list[str], skipped: list[str]) -> str | None:
+    if not (scratch / ".git").exists():
+        git(tree, "worktree", "add", "--detach", "--no-checkout", "--force", str(scratch), bad)
+    git(scratch, "bisect", "reset", check=False)
+    if git(scratch, "bisect", "start", "--no-checkout", bad, *goods, check=False).returncode != 0:
+        return None
+    if skipped:
+        git(scratch, "bisect", "skip", *skipped, check=False)
+    return git(scratch, "rev-parse", "--verify", "--quiet", "BISECT_HEAD", check=False).stdout.strip() or None
