@@ -258,3 +258,51 @@ def clone(repo: RealRepo, dest: Path) -> Path:
     own worktrees)."""
     _run(["git", "clone", "-q", "--shared", "--no-checkout", str(repo.path), str(dest)], cwd=dest.parent)
     return dest
+
+
+def demo(base: Path, ui, *, ahead: int = 1) -> int:
+    """`fleetbisect demo --real-kernel`: bisect the real-kernel lab end to end on a loopback VM
+    host, and check the culprit and that every guest ran the kernel its step built."""
+    from ..config.inventory import load_inventory
+    from ..config.playbook import load_playbook
+    from ..errors import UserError
+    from ..report import answer_line
+    from ..run import start_run
+    from ..stages.build import localversion
+    from .demo import write_lab_inventory
+    from .image import ensure_assets
+    from .vmhost import LabHost
+
+    base = base.resolve()
+    if (base / "linux").exists() or (base / "run").exists():
+        raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")
+    base.mkdir(parents=True, exist_ok=True)
+    ui.step("lab: preparing the guest initramfs (cached after the first time)")
+    assets = ensure_assets()
+    ui.step(f"lab: a git repository of Debian's {PACKAGE} with a seeded regression (made once, cached)")
+    repo = ensure_real_repo()
+    src = clone(repo, base / "linux")
+    playbook_path = write_playbook(base / "playbook.yaml", repo, guest_initramfs(assets, base / "initramfs.img"),
+                                   ahead=ahead)
+    with LabHost.start(base / "host", name="lab-host") as host:
+        ui.step(f"lab: VM host lab-host is sshd on 127.0.0.1:{host.port}; the first build of the "
+                "kernel takes minutes, the next ones seconds")
+        inventory = write_lab_inventory(base / "inventory.yaml", [host], assets)
+        report = start_run(repo=src, good=repo.good, bad=repo.bad, host=load_inventory([inventory]).host("lab-host"),
+                           inventory=[inventory], playbook=load_playbook(playbook_path),
+                           playbook_path=playbook_path, run_dir=base / "run", ui=ui)
+    found = report.status == "found" and report.culprit == repo.culprit
+    booted = [s for s in report.steps if s.verdict.value in ("good", "bad")]
+    stamped = bool(booted) and all(s.release == f"{repo.version}{localversion(s.commit)}" for s in booted)
+    if found:
+        ui.good(f"found the seeded regression in {len(report.steps)} steps: {report.culprit[:12]} "
+                f"{report.culprit_subject}")
+    else:
+        ui.error(f"expected the seeded regression {repo.culprit[:12]}, the run says: {report.message}")
+    if stamped:
+        ui.good(f"every tested guest ran the kernel its step built ({repo.version}-fb<commit>, checked with uname -r)")
+    else:
+        ui.error("a tested step has no stamped release of its own")
+    print(f"run directory: {report.run_dir}")
+    print(answer_line(report.status, report.culprit, report.culprit_subject, report.message))
+    return 0 if found and stamped else 1
