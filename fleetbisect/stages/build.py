@@ -206,7 +206,8 @@ def kill_orphan_build(run_dir: Path) -> list[int]:
     """Kill the builds a dead controller left running in a run directory (its steps' pid
     files); called when the run resumes. Returns the pids signalled."""
     killed = []
-    for pidfile in [run_dir / PIDFILE, *sorted(run_dir.glob(f"steps/*/{PIDFILE}"))]:
+    for pidfile in [run_dir / PIDFILE, *sorted(run_dir.glob(f"steps/*/{PIDFILE}")),
+                    *sorted(run_dir.glob(f"ahead/*.{PIDFILE}"))]:  # builds ahead (stages/buildahead.py)
         killed += kill_orphan(pidfile)
     return killed
 
