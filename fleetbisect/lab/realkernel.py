@@ -125,6 +125,7 @@ def _make(d: Path) -> None:
     g = _Git(tree, 0)
     g("init", "-q", "-b", "master")
     g("config", "core.looseCompression", "1")  # 70k files: fast in, the run's clones share them
+    g("config", "gc.auto", "0")  # no packing of 1 GB behind the lab's back (it would take the cores)
     g.commit(f"Linux {version}", body=f"Imported from Debian's {PACKAGE} ({_package_version()}).", all_files=True)
     _run(["make", "-s", "tinyconfig"], cwd=tree)
     _run(["make", "-s", "kvm_guest.config"], cwd=tree)
