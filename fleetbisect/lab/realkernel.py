@@ -218,10 +218,13 @@ HISTORY = [
 
 def guest_initramfs(assets: LabAssets, dest: Path) -> Path:
     """The lab's initramfs for a kernel with virtio built in: the base image plus an overlay
-    whose /sbin/insmod does nothing (the base image loads Debian's modules, which a kernel built
-    here cannot take; busybox --install leaves an existing file alone)."""
+    whose /init (a later cpio member replaces an earlier one) is the lab's without the loading
+    of Debian's modules, which a kernel built here could not take."""
+    from .image import _init
+
+    init = "\n".join(ln for ln in _init().splitlines() if "insmod" not in ln) + "\n"
     overlay = CpioWriter()
-    overlay.add_file("sbin/insmod", b"#!/bin/sh\n# virtio is built into the lab's kernel: nothing to load\n", 0o755)
+    overlay.add_file("init", init.encode(), 0o755)
     tmp = dest.with_suffix(".overlay")
     overlay.write_gz(tmp)
     dest.write_bytes(assets.base_initramfs.read_bytes() + tmp.read_bytes())
