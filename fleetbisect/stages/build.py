@@ -179,7 +179,7 @@ def _use_ccache(env: dict[str, str], log_path: Path) -> Path | None:
         return None
     if links not in env.get("PATH", "").split(os.pathsep):
         env["PATH"] = os.pathsep.join([links, env.get("PATH", os.defpath)])
-    stats = log_path.with_name("ccache-stats.log")
+    stats = log_path.with_suffix(".ccache-stats")  # one per build log: builds ahead run side by side
     stats.unlink(missing_ok=True)
     env["CCACHE_STATSLOG"] = str(stats)
     return stats
