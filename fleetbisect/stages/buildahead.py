@@ -22,6 +22,7 @@ cores. A build ahead that fails is not kept: the step builds the commit itself, 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -170,6 +171,7 @@ class BuildAhead:
             proc = subprocess.run(["cp", "-a", "--reflink=auto", *entries, str(tree)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise OSError(f"cannot copy {self.seed} to {tree}: {proc.stderr.strip()[-300:]}")
+        _relocate(tree, self.seed)
         git(tree, "reset", "--quiet")  # the index of `commit`
         git(tree, "update-index", "--quiet", "--refresh", check=False)  # files that differ stay dirty
         git(tree, "reset", "--quiet", "--hard")  # ... and only those are rewritten
@@ -217,6 +219,19 @@ class Builds:
                 self.ahead.remove()
         if remove and (self.scratch / ".git").exists():
             git(self.repo, "worktree", "remove", "--force", str(self.scratch), check=False)
+
+
+def _relocate(tree: Path, seed: Path) -> None:
+    """Build records that name the tree they were made in (the kernel's tools/objtool keeps
+    absolute paths in its .cmd and .d files) are made to name the copy, their times kept:
+    else the copy rebuilds objtool, and every object after it."""
+    proc = subprocess.run(["grep", "-rlF", "--include=.*.cmd", "--include=*.d", str(seed), str(tree)],
+                          capture_output=True)
+    for name in proc.stdout.decode(errors="surrogateescape").splitlines():
+        path = Path(name)
+        st = path.stat()
+        path.write_bytes(path.read_bytes().replace(str(seed).encode(), str(tree).encode()))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def bisect_upcoming(tree: Path, commit: str, scratch: Path) -> list[str]:

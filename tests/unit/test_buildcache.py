@@ -173,6 +173,9 @@ def test_build_ahead_worktree_starts_from_the_built_tree(tmp_path):
     main = tmp_path / "main"
     assert build(main, pb, shas[1], tmp_path / "m" / "build.log", Deadline.after(60)).ok
     (main / "arch" / "output.o").write_text("object\n")
+    cmd = main / "arch" / ".tool.o.cmd"  # a record naming its tree (tools/objtool's do)
+    cmd.write_text(f"cmd_tool.o := gcc -I{main}/include -c tool.c\n")
+    os.utime(cmd, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
     ahead = BuildAhead(tmp_path / "repo", pb, tmp_path / "run" / "ahead", BuildCache(tmp_path / "c"), seed=main)
     try:
         ahead.want([shas[2]])
@@ -182,6 +185,8 @@ def test_build_ahead_worktree_starts_from_the_built_tree(tmp_path):
         ahead.close()
     slot = tmp_path / "run" / "ahead" / "tree0"
     assert (slot / "arch" / "output.o").read_text() == "object\n", "the build outputs came along"
+    assert (slot / "arch" / ".tool.o.cmd").read_text() == f"cmd_tool.o := gcc -I{slot}/include -c tool.c\n"
+    assert (slot / "arch" / ".tool.o.cmd").stat().st_mtime_ns == 1_600_000_000_000_000_000
     assert sh(slot, "git", "rev-parse", "HEAD") == shas[2] and sh(slot, "git", "status", "--porcelain") == ""
     assert (slot / "src.c").read_text() == "int f(void) { return 2; }\n"
     assert sh(main, "git", "rev-parse", "HEAD") == shas[1], "the run's tree is left alone"
