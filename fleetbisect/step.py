@@ -141,7 +141,8 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
 
     lab.ui.info(f"building {commit[:12]}")
     with timed("build", playbook.build.timeout):
-        built = lab.build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout))
+        built = lab.build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout),
+                          on=getattr(lab.host, "builder", None))
     for note in built.notes:
         lab.ui.detail(note)
     evidence = [rel("build.log")]

@@ -27,6 +27,29 @@ def _env_value(v):
     return v
 
 
+_DISTCC_HOST = r"^[A-Za-z0-9_.:\[\]-]+(/[1-9][0-9]{0,3})?$"
+
+
+class Distcc(Strict):
+    """Compile through distcc daemons (stages/distcc.py). The build gets the compiler through
+    distcc's masquerade directory first on PATH (so a kernel Makefile's `gcc` goes through it
+    untouched), `CC="distcc CC"` for Makefiles that read $CC, `DISTCC_HOSTS` and `-j` in
+    MAKEFLAGS. `check` connects to every daemon and compiles through each."""
+
+    hosts: list[Annotated[str, Field(pattern=_DISTCC_HOST)]] = Field(
+        min_length=1, description="distcc host specs, HOST[:PORT][/LIMIT]: 10.0.0.5:3632/8")
+    jobs: int | None = Int(1, 4096, None, description="make -j; default: the hosts' limits added up")
+    cc: str = Field("gcc", pattern=r"^[A-Za-z0-9_.+-]+$", description="the compiler distcc runs")
+    # When no daemon answers, compile locally (distcc's own default). False makes a dead daemon
+    # fail the build (a skip) instead of a slow local build.
+    fallback: StrictBool = True
+    masquerade: str = Field("/usr/lib/distcc", pattern=r"^/[^:\s]*$")
+
+    @property
+    def make_jobs(self) -> int:
+        return self.jobs or sum(int(h.rsplit("/", 1)[1]) if "/" in h else 4 for h in self.hosts)
+
+
 class Build(Strict):
     command: str = "make olddefconfig && make -j$(nproc)"
     timeout: Seconds = 3600.0
@@ -34,6 +57,7 @@ class Build(Strict):
     cherry_picks: list[str] = Field(default_factory=list)  # fixes applied for the build only
     localversion: StrictBool = True  # stamp LOCALVERSION=-fb<sha12> so the guest can prove its kernel
     release_file: str | None = "include/config/kernel.release"
+    distcc: Distcc | None = None  # compile through distcc daemons
     # The kernel config every step starts from: copied to .config, then `make olddefconfig`
     # before build.command (never the .config the last commit left). Relative to the playbook.
     config: str | None = None

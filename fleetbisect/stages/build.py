@@ -20,6 +20,7 @@ from ..masking import open_masked
 from ..search.gitbisect import git
 from ..verdict import OutcomeKind
 from .buildcache import BuildCache
+from . import distcc
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ CCACHE_DIRS = ("/usr/lib/ccache", "/usr/lib64/ccache", "/usr/local/lib/ccache") 
 
 
 def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
-          pidfile: Path | None = None, cache: BuildCache | None = None) -> BuildResult:
+          pidfile: Path | None = None, cache: BuildCache | None = None, on=None) -> BuildResult:
     """Apply cherry-picks, run the build command, collect artifacts, undo the cherry-picks.
 
     A tree already built with the same config, command and environment reuses its artifacts
@@ -66,11 +67,18 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
     steps, so `make` is incremental; the playbook's kernel config is copied to .config and
     `make olddefconfig` run before the command; ccache is used when it is installed.
     The log is masked as it streams. `pidfile` (default: build.pid next to the log) names the
-    running build's process group; a build a dead controller left there is killed first."""
+    running build's process group; a build a dead controller left there is killed first.
+    `on`: the machine to build on (an inventory BuildHost), instead of here."""
+    if on is not None:
+        from .remotebuild import build_on
+
+        return build_on(on, tree, playbook, commit, log_path, deadline)
     spec = playbook.build
     pidfile = log_path.with_name(PIDFILE) if pidfile is None else pidfile
     env = dict(os.environ)
     env.update({k: str(v) for k, v in spec.env.items()})
+    if spec.distcc:
+        env = distcc.local_environment(spec.distcc, env)
     masking.register(env)  # secret-looking names in the environment it inherits
     masking.register_build_env(spec.env)
     if spec.localversion:

@@ -193,7 +193,9 @@ class Builds:
         self.upcoming: Callable[[str], list[str]] | None = None
         self.log, self.repo, self.base = log, repo, run_dir / "ahead"
 
-    def build(self, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline) -> BuildResult:
+    def build(self, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline, on=None) -> BuildResult:
+        if on is not None:  # a build host (stages/remotebuild.py) builds it: not built ahead here
+            return build(tree, playbook, commit, log_path, deadline, on=on)
         if self.ahead is not None:
             self.ahead.get(commit, deadline)  # a build ahead under way is waited for, not repeated
             with self.ahead.seed_lock:
