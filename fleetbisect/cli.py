@@ -108,8 +108,8 @@ def parser() -> argparse.ArgumentParser:
                    "the VM's disk, as a NixOS image build does")
     p.add_argument("--real-kernel", action="store_true",
                    help="bisect a real kernel built from Debian's linux-source-6.1 (the first build takes minutes)")
-    p.add_argument("--build-ahead", type=int, default=1, metavar="N",
-                   help="with --real-kernel: commits built ahead while a host tests (default 1; 0: none)")
+    p.add_argument("--build-ahead", type=int, default=0, metavar="N",
+                   help="with --real-kernel: commits built ahead while a host tests (default 0: none)")
 
     p = sub.add_parser("initramfs", help="build an init-as-reproducer initramfs (for the console reproducer)")
     isub = p.add_subparsers(dest="initramfs_command", required=True, metavar="ACTION")

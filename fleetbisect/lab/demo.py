@@ -67,7 +67,7 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", targe
 
 
 def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang",
-         target: str = "qemu", image: bool = False, real_kernel: bool = False, ahead: int = 1) -> int:
+         target: str = "qemu", image: bool = False, real_kernel: bool = False, ahead: int = 0) -> int:
     """`target`: "qemu" (a QEMU the host starts per step) or "libvirt" (a domain the lab's
     libvirtd already has, booted with each step's kernel and put back exactly as it was).
     `image`: each commit's guest is built as a qcow2 disk image that the host converts onto

@@ -264,7 +264,7 @@ def clone(repo: RealRepo, dest: Path) -> Path:
     return dest
 
 
-def demo(base: Path, ui, *, ahead: int = 1) -> int:
+def demo(base: Path, ui, *, ahead: int = 0) -> int:
     """`fleetbisect demo --real-kernel`: bisect the real-kernel lab end to end on a loopback VM
     host, and check the culprit and that every guest ran the kernel its step built."""
     from ..config.inventory import load_inventory
