@@ -254,8 +254,8 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                 journal.guard = keeper.check
                 bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
                 builds = Builds(spec.repo, playbook, run_dir, ui.detail, bisect.tree)  # cache; builds ahead
-                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper, build=builds.build),
-                           journal, report, bisect, hooks, ui)
+                lab = Lab(bisect.tree, host, playbook, ui, lease=keeper, background_cleanup=True, build=builds.build)
+                run = _Run(spec, state, lab, journal, report, bisect, hooks, ui)
                 builds.upcoming, run.scratch = run.upcoming, builds.scratch
                 try:
                     run.search()
@@ -268,6 +268,7 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                 except LeaseLost:
                     pass  # below: aborted, with the reason
                 finally:
+                    lab.settle()  # the last VM stops before anything ends (cleanup.py)
                     journal.guard = None
                     builds.close(remove=report.status not in ("interrupted", "running"))
                     if keeper.lost and report.status == "running":

@@ -128,13 +128,31 @@ class Push(Strict):
 
 
 class ScpStress(Strict):
-    """Copy `size` bytes into the guest `iterations` times, each under `timeout`."""
+    """Copy `size` bytes into the guest `iterations` times, each under `timeout`; a copy that
+    moves no byte for `stall` seconds is a hang at once (`timeout` stays the outer bound).
+    `method`: `openssh-scp` (OpenSSH `scp -O`, as a user's script runs it), `scp` (the scp
+    protocol over fleetbisect's own SSH connection) or `sftp` (for guests with only an
+    sftp-server). `source: host` makes the file on the VM host and copies it from there (the
+    host's own ssh to the guest, the guest's pinned key): no stress byte crosses the
+    controller's link."""
 
     kind: Literal["scp-stress"]
     size: Bytes
     iterations: int = Int(1, 100_000, 15)
     timeout: Seconds
+    stall: Seconds = 5.0
+    method: Literal["openssh-scp", "scp", "sftp"] = "openssh-scp"
+    source: Literal["controller", "host"] = "controller"
     dest: str = "/tmp/fleetbisect-stress.bin"
+
+    @field_validator("stall")
+    @classmethod
+    def _stall_inside_timeout(cls, v: float, info) -> float:
+        timeout = info.data.get("timeout")
+        if timeout is not None and v >= timeout:
+            raise ValueError(f"{v:g}s must be shorter than timeout ({timeout:g}s): a copy that moves "
+                             "nothing for `stall` seconds is a hang before the timeout")
+        return v
 
 
 def _regex(p: str) -> str:
@@ -157,6 +175,8 @@ class CommandRepro(Strict):
     expect_exit: int = Int(0, 255, 0)
     fail_patterns: list[str] = Field(default_factory=list)
     pass_patterns: list[str] = Field(default_factory=list)
+    # Opt-in: a command that prints nothing (stdout or stderr) for this long is a hang at once.
+    stall: Seconds | None = None
 
     @field_validator("fail_patterns", "pass_patterns")
     @classmethod
