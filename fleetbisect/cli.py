@@ -116,6 +116,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="store_true",
                    help="build each commit's guest as a disk image (qcow2) that the host converts onto "
                    "the VM's disk, as a NixOS image build does")
+    p.add_argument("--real-kernel", action="store_true",
+                   help="bisect a real kernel built from Debian's linux-source-6.1 (the first build takes minutes)")
+    p.add_argument("--build-ahead", type=int, default=0, metavar="N",
+                   help="with --real-kernel: commits built ahead while a host tests (default 0: none)")
 
     p = sub.add_parser("initramfs", help="build an init-as-reproducer initramfs (for the console reproducer)")
     isub = p.add_subparsers(dest="initramfs_command", required=True, metavar="ACTION")
@@ -299,7 +303,7 @@ def cmd_demo(args, ui: UI) -> int:
     base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     with ui.live():
         return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario, target=args.target,
-                    image=args.image, hosts=args.hosts)
+                    image=args.image, hosts=args.hosts, real_kernel=args.real_kernel, ahead=args.build_ahead)
 
 
 def cmd_report(args, ui: UI) -> int:

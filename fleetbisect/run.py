@@ -27,6 +27,7 @@ from .report import Report
 from .runspec import RunSpec, _same_host, controller, host_fingerprint  # noqa: F401 - the run's API
 from .search.gitbisect import Bisect, git, resolve, subject
 from .stages.build import kill_orphan_build
+from .stages.buildahead import Builds, bisect_next, bisect_upcoming
 from .stages.ready import kernel_identity
 from .step import RETRY_PAUSE, Lab, StepRecord, connect_host, run_step
 from .ui import UI, log_to_file
@@ -236,8 +237,10 @@ def _bisect(spec, state, host, playbook, run_dir, ui, me, lock, journal, report,
         # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
         journal.guard = keeper.check
         bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-        lab = Lab(bisect.tree, host, playbook, ui, lease=keeper, background_cleanup=True)
+        builds = Builds(spec.repo, playbook, run_dir, ui.detail, bisect.tree)  # cache; builds ahead
+        lab = Lab(bisect.tree, host, playbook, ui, lease=keeper, background_cleanup=True, build=builds.build)
         run = _Run(spec, state, lab, journal, report, bisect, hooks, ui)
+        builds.upcoming, run.scratch = run.upcoming, builds.scratch
         try:
             run.search()
         except KeyboardInterrupt:
@@ -248,6 +251,7 @@ def _bisect(spec, state, host, playbook, run_dir, ui, me, lock, journal, report,
         finally:
             lab.settle()  # the last VM stops before anything ends (cleanup.py)
             journal.guard = None
+            builds.close(remove=report.status not in ("interrupted", "running"))
             if keeper.lost and report.status == "running":
                 report.status, report.message = "aborted", keeper.lost
             write_atomic(run_dir / "bisect.log", bisect.log())
@@ -340,6 +344,7 @@ class _Run:
         self.journal, self.report, self.bisect, self.hooks, self.ui = journal, report, bisect, hooks, ui
         self.playbook = lab.playbook
         self.setup = SetupWatch()
+        self.role = "bisect"  # of the step under way
         for rec in state.steps:
             self.setup.saw(StepRecord.from_json(rec))
 
@@ -425,7 +430,18 @@ class _Run:
         else:
             self.ui.good(f"confirmed: {culprit[:12]} is bad and its parent {parent[:12]} good on retest")
 
+    def upcoming(self, commit: str) -> list[str]:
+        """What may be tested after `commit`, either verdict (stages/buildahead.py builds it)."""
+        if self.role == "endpoint-good":
+            return [self.spec.bad]
+        if self.role == "endpoint-bad":
+            return bisect_next(self.bisect.tree, self.scratch)
+        if self.role == "confirm-culprit":
+            return [git(self.spec.repo, "rev-parse", f"{commit}^").stdout.strip()]
+        return bisect_upcoming(self.bisect.tree, commit, self.scratch) if self.role == "bisect" else []
+
     def _step(self, commit: str, role: str, *, checkout: bool = False, cached: bool = True) -> StepRecord:
+        self.role = role
         if cached:
             record = _decided(self.state, commit, self.ui)
             if record is not None:

@@ -54,6 +54,7 @@ class StepRecord:
     release: str | None = None
     pushed: dict[str, int] = field(default_factory=dict)  # artifact -> bytes sent (last attempt)
     role: str = "bisect"  # bisect | endpoint-good | endpoint-bad | confirm-culprit | confirm-parent
+    build: dict = field(default_factory=dict)  # cached_from, ccache hit rate, same_image_as (stages/build.py)
 
     def to_json(self) -> dict:
         return {
@@ -69,6 +70,7 @@ class StepRecord:
             "release": self.release,
             "pushed": self.pushed,
             "role": self.role,
+            "build": self.build,
         }
 
     @classmethod
@@ -77,7 +79,7 @@ class StepRecord:
             d["index"], d["commit"], d["subject"], Verdict(d["verdict"]), d["reason"],
             [Outcome.from_json(o) for o in d["outcomes"]], dict(d["durations"]),
             list(d["evidence"]), d["attempts"], d.get("release"), dict(d.get("pushed", {})),
-            d.get("role", "bisect"),
+            d.get("role", "bisect"), dict(d.get("build", {})),
         )
 
 
@@ -94,6 +96,7 @@ class Lab:
     # How the host is reached and what boots the kernel on it (fakes in unit tests).
     connect: Callable[..., Remote] = field(default=lambda cfg, deadline: connect_host(cfg, deadline))
     make_target: Callable[..., object] = field(default=lambda cfg, playbook: targets.for_host(cfg, playbook))
+    build: Callable[..., BuildResult] = field(default=build)  # a run's: with its cache, ahead (stages/buildahead.py)
     # Stop a finished attempt's VM in the background while the run goes on (cleanup.py); whoever
     # sets this must call settle() when the run ends, however it ends (run.py does).
     background_cleanup: bool = False
@@ -155,8 +158,10 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
 
     lab.ui.info(f"building {commit[:12]}")
     with timed("build", playbook.build.timeout):
-        built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout),
-                      on=getattr(lab.host, "builder", None))
+        built = lab.build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout),
+                          on=getattr(lab.host, "builder", None))
+    for note in built.notes:
+        lab.ui.detail(note)
     evidence = [rel("build.log")]
     if not built.ok:
         if built.disk_full:  # not the commit's fault, and it will not heal by itself: stop
@@ -167,7 +172,7 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
             decision = decide([outcome], playbook.policy_map())
         return _finish(step_dir, StepRecord(
             index, commit, subject, decision.verdict, decision.reason, [outcome], durations,
-            evidence, 0, None, role=role,
+            evidence, 0, None, role=role, build=built.info,
         ))
 
     attempt = 0
@@ -195,7 +200,7 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
         evidence.append(rel("commands.txt"))
     return _finish(step_dir, StepRecord(
         index, commit, subject, decision.verdict, decision.reason, outcomes, durations,
-        evidence, attempt, built.release, pushed, role,
+        evidence, attempt, built.release, pushed, role, built.info,
     ))
 
 

@@ -58,6 +58,21 @@ class Build(Strict):
     localversion: StrictBool = True  # stamp LOCALVERSION=-fb<sha12> so the guest can prove its kernel
     release_file: str | None = "include/config/kernel.release"
     distcc: Distcc | None = None  # compile through distcc daemons
+    # The kernel config every step starts from: copied to .config, then `make olddefconfig`
+    # before build.command (never the .config the last commit left). Relative to the playbook.
+    config: str | None = None
+    # Reuse the artifacts of a tree already built with this config and command (stages/buildcache.py).
+    cache: StrictBool = True
+    # Commits built ahead, each in a worktree of its own, while a host tests (stages/buildahead.py).
+    ahead: int = Int(0, 16, 0)
+    ahead_min_free: Bytes = 10 << 30  # build ahead only while the worktrees' disk has this much free
+
+    @field_validator("config")
+    @classmethod
+    def _config_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"{v!r}: no such kernel config file")
+        return v
 
     @model_validator(mode="after")
     def _stamp_read_back(self):
@@ -355,6 +370,9 @@ def load_playbook(path: Path) -> Playbook:
     data, lines = read_yaml(path)
     if isinstance(data, dict):
         data = {"name": path.stem, **data, "digest": digest(path)}
+        build = data.get("build")
+        if isinstance(build, dict) and isinstance(build.get("config"), str) and build["config"]:
+            data["build"] = {**build, "config": str(path.resolve().parent / Path(build["config"]).expanduser())}
     try:
         playbook = validate(Playbook, data, path, lines)
     except ConfigError as e:

@@ -67,7 +67,8 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", targe
 
 
 def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang",
-         target: str = "qemu", image: bool = False, hosts: int = 1) -> int:
+         target: str = "qemu", image: bool = False, hosts: int = 1, real_kernel: bool = False,
+         ahead: int = 0) -> int:
     """`target`: "qemu" (a QEMU the host starts per step) or "libvirt" (a domain the lab's
     libvirtd already has, booted with each step's kernel and put back exactly as it was).
     `image`: each commit's guest is built as a qcow2 disk image that the host converts onto
@@ -78,6 +79,12 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
     from .kernelrepo import generate_repo
     from .vmhost import LabHost
 
+    if real_kernel:  # a real kernel built from Debian's linux-source (lab/realkernel.py)
+        if hosts > 1 or target != "qemu" or image:
+            raise UserError("--real-kernel runs on one QEMU host (no --hosts, --target or --image with it)")
+        from . import realkernel
+
+        return realkernel.demo(base, ui, ahead=ahead)
     base = base.resolve()
     if (base / "linux").exists() or (base / "run").exists():
         raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")
