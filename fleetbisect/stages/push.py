@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import shlex
 import tempfile
 import time
 from dataclasses import dataclass
