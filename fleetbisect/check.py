@@ -95,7 +95,8 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
                 probes.append(Probe(name, status == "ok", detail))
             for c in targets.for_host(host_cfg, playbook).probes(host, Deadline.after(60)):
                 probes.append(Probe(c.name, c.ok, c.detail))
-            if not playbook.console_only and host_cfg.target.guest.reach == "ssh":
+            guest = host_cfg.target.guest  # None for a bare-metal box: it is the host
+            if not playbook.console_only and guest is not None and guest.reach == "ssh":
                 probes += probe_guest_path(host, host_cfg, playbook)
     except FleetbisectError as e:
         probes.append(Probe("ssh", False, str(e)))

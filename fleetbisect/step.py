@@ -210,10 +210,11 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
     bytes sent per artifact (nothing for an unchanged one)."""
     host_cfg, playbook = lab.host, lab.playbook
     target = lab.make_target(host_cfg, playbook)
+    target.expect(built.release)
     with ExitStack() as stack:
         try:
-            host = lab.connect(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
-        except RemoteError as e:
+            host = target.connect(lab.connect, Deadline.after(host_cfg.ssh.connect_timeout + 5))
+        except InfraError as e:  # unreachable, or a box not brought back (one needing a human: RunAborted)
             return [Outcome(OutcomeKind.INFRA_ERROR, f"cannot reach the host: {e}")]
         stack.callback(host.close)
         stack.callback(_cleanup, lab, target, host, step_dir, timed)
