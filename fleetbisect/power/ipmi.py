@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from typing import Literal
 
 from pydantic import Field
@@ -67,8 +68,22 @@ class Ipmi(Power):
         if self.status(deadline) == "off":
             self._run(deadline, "chassis", "power", "on")
             return "powered on (it was off)"
-        self._run(deadline, "chassis", "power", "cycle")
-        return "power cycled"
+        try:
+            self._run(deadline, "chassis", "power", "cycle")
+            return "power cycled"
+        except PowerAuthError:
+            raise
+        except PowerError as e:
+            if "invalid data field" not in str(e).lower() and "not supported" not in str(e).lower():
+                raise
+        # Some BMCs (virtualbmc among them) have no `cycle`: off, then on once it reads off.
+        self._run(deadline, "chassis", "power", "off")
+        while self.status(deadline) != "off":
+            if deadline.expired:
+                raise PowerError(f"{self.describe()}: the box did not power off")
+            time.sleep(0.5)
+        self._run(deadline, "chassis", "power", "on")
+        return "power cycled (off, on: the BMC has no `cycle`)"
 
     def nmi(self, deadline: Deadline) -> str:
         self._run(deadline, "chassis", "power", "diag")
