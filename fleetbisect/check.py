@@ -87,7 +87,8 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
         with SSHRemote.connect(host_cfg.ssh_params(), deadline=Deadline.after(host_cfg.ssh.connect_timeout + 5)) as host:
             probes.append(Probe("ssh", True, f"connected to {host_cfg.name}"))
             res = host.run(
-                ["sh", "-c", _PROBES, "sh", host_cfg.work_dir, str(MIN_FREE_MB)],
+                ["sh", "-c", _PROBES, "sh", host_cfg.work_dir,
+                 str(targets.select(host_cfg.target.kind).min_free_mb or MIN_FREE_MB)],
                 deadline=Deadline.after(30),
             )
             for line in res.stdout.splitlines():

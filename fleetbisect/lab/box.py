@@ -37,10 +37,20 @@ def _gz_cpio(build) -> bytes:
     return gzip.compress(img.to_bytes(), mtime=0)
 
 
+# A box keeps its work dir and /boot on file systems of their own (df answers for them).
+MOUNTS_HOOK = """#!/bin/sh
+mkdir -p /var/tmp /boot
+mount -t tmpfs -o size=300m,mode=1777 tmpfs /var/tmp
+mount -t tmpfs -o size=100m tmpfs /boot
+"""
+
+
 def _kexec(img: CpioWriter) -> None:
-    for d in ("sbin", "lib", "lib64", "usr", "usr/lib", "boot", "lib/x86_64-linux-gnu"):
+    for d in ("sbin", "lib", "lib64", "usr", "usr/lib", "boot", "var", "lib/x86_64-linux-gnu", "etc",
+              "etc/fleetbisect", "etc/fleetbisect/init.d"):
         img.add_dir(d)
     add_binary(img, Path("/sbin/kexec"))
+    img.add_file("etc/fleetbisect/init.d/05-box-mounts", MOUNTS_HOOK.encode(), 0o755)
 
 
 def box_repo_assets(assets: LabAssets, workdir: Path) -> LabAssets:
@@ -48,6 +58,7 @@ def box_repo_assets(assets: LabAssets, workdir: Path) -> LabAssets:
     the kernel unpacks them in order), for generate_repo: every candidate can kexec."""
     path = Path(workdir) / "box-base-initramfs.img"
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(assets.base_initramfs.read_bytes() + _gz_cpio(_kexec))
     return dataclasses.replace(assets, base_initramfs=path)
 
@@ -130,3 +141,48 @@ class LabBox:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+PASSWORD_ENV = "FLEETBISECT_LAB_BMC_PASSWORD"
+BMC_USER = "fbadmin"
+
+
+def box_inventory(path: Path, box: LabBox, assets: LabAssets, power: dict, *, name: str = "lab-box",
+                  oneshot: dict | None = None, console: bool = True) -> Path:
+    """The inventory a user would write for this box: SSH to its sshd with its pinned host key,
+    its known-good release, kexec as the one-shot boot, the BMC `power` block, and its serial
+    log as the console."""
+    import yaml
+
+    known_hosts = path.parent / f"{name}.known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{box.ssh_port} {assets.guest_host_key_pub.strip()}\n")
+    target = {"kind": "baremetal", "default_release": box.default_release, "power": power,
+              "oneshot": oneshot or {"method": "kexec", "reboot": ["reboot", "-f"]},
+              "deadlines": {"down": 60, "answer": 10, "nmi": 10, "recover": 240}}
+    if console:
+        target["console"] = {"kind": "file", "path": str(box.console)}
+    entry = {"ssh": {"address": "127.0.0.1", "port": box.ssh_port, "user": assets.guest_user,
+                     "key": str(assets.guest_user_key), "known_hosts": str(known_hosts), "connect_timeout": 10},
+             "work_dir": "/var/tmp/fleetbisect", "target": target}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"hosts": {name: entry}}, sort_keys=False))
+    return path
+
+
+def ipmi_power(bmc) -> dict:
+    return {"kind": "ipmi", "address": bmc.address, "port": bmc.port, "user": BMC_USER, "password_env": PASSWORD_ENV}
+
+
+def redfish_power(bmc) -> dict:
+    return {"kind": "redfish", "url": bmc.url, "system": bmc.system, "user": BMC_USER, "password_env": PASSWORD_ENV}
+
+
+def start_bmc(kind: str, base_dir: Path, box: LabBox, password: str):
+    """The box's BMC of `kind` ("ipmi" or "redfish"), started; (daemon, inventory power block)."""
+    from .bmc import SushyEmulator, VirtualBMC
+
+    if kind == "ipmi":
+        bmc = VirtualBMC.start(base_dir / "vbmc", box.name, BMC_USER, password)
+        return bmc, ipmi_power(bmc)
+    bmc = SushyEmulator.start(base_dir / "sushy", box.name, BMC_USER, password)
+    return bmc, redfish_power(bmc)

@@ -59,6 +59,7 @@ class Baremetal(Target):
     kind = "baremetal"
     Config = BaremetalConfig
     reboots_host = True
+    min_free_mb = 256  # a kernel, an initrd and modules: no VM disk images on a box
 
     def __init__(self, host_cfg, playbook):
         super().__init__(host_cfg, playbook)
@@ -245,6 +246,15 @@ class Baremetal(Target):
                 raise TargetStartFailed(f"the box still answers SSH {self.config.deadlines.down:.0f}s after "
                                         f"`{shlex.join(trigger)}`: it did not reboot")
             time.sleep(POLL)
+
+    def link_alive(self, host: Remote) -> bool:
+        """The box is the host: once its kernel stops answering SSH, its BMC (reached over the
+        network as the box was) answering with the power on says the way there is fine and the
+        silence is the kernel's."""
+        try:
+            return self.power.status(Deadline.after(15)) == "on"
+        except Exception:  # noqa: BLE001 - the BMC does not answer either: the link or the lab
+            return False
 
     def alive(self, host: Remote, deadline: Deadline) -> bool:
         return self.power.status(deadline) == "on"
