@@ -101,8 +101,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="net-hang",
                    choices=("net-hang", "panic", "oops-warning", "boot-slow", "console"),
                    help="which regression the lab seeds (default: net-hang)")
-    p.add_argument("--target", default="qemu", choices=("qemu", "libvirt"),
-                   help="what boots the guest: a QEMU per step, or a libvirt domain (default: qemu)")
+    p.add_argument("--target", default="qemu", choices=("qemu", "libvirt", "baremetal"),
+                   help="what boots the guest: a QEMU per step, a libvirt domain, or a bare-metal box "
+                   "(its own kernel, with a BMC) (default: qemu)")
     p.add_argument("--image", action="store_true",
                    help="build each commit's guest as a disk image (qcow2) that the host converts onto "
                    "the VM's disk, as a NixOS image build does")

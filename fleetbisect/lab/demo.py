@@ -76,6 +76,10 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
     from .kernelrepo import generate_repo
     from .vmhost import LabHost
 
+    if target == "baremetal":  # the box's own kernel is bisected: no VM host
+        from .boxdemo import box_demo
+
+        return box_demo(base, ui, commits=commits, seed=seed, scenario=scenario)
     base = base.resolve()
     if (base / "linux").exists() or (base / "run").exists():
         raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")
