@@ -50,6 +50,7 @@ def _kexec(img: CpioWriter) -> None:
               "etc/fleetbisect", "etc/fleetbisect/init.d"):
         img.add_dir(d)
     add_binary(img, Path("/sbin/kexec"))
+    add_binary(img, Path("/usr/bin/flock"))  # the host lease (busybox has none); util-linux on a real box
     img.add_file("etc/fleetbisect/init.d/05-box-mounts", MOUNTS_HOOK.encode(), 0o755)
 
 

@@ -160,11 +160,11 @@ class Baremetal(Target):
             running = f"? ({e})"
         box = host
         if running != self.config.default_release:
-            self._reboot(host, self.config.oneshot.reboot)  # a one-shot entry is used once
             try:
+                self._reboot(host, self.config.oneshot.reboot)  # a one-shot entry is used once
                 box = self._wait_default(Deadline.after(self.config.deadlines.recover))
                 done.append(f"rebooted from {running} into its known-good {self.config.default_release}")
-            except NotBack as e:
+            except (NotBack, TargetStartFailed, RemoteError) as e:
                 done.append(self._recover(f"a plain reboot did not bring the default kernel back ({e})"))
                 box = self.login(None, Deadline.after(30))
         res = box.run(["sh", "-c", bootonce.REMOVE_ALL, "sh", self.config.boot_dir,

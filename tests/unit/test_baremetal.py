@@ -174,3 +174,36 @@ def test_recovery_sends_an_nmi_before_the_power_cycle(monkeypatch):
     assert target.power.calls == ["nmi", "cycle"]
     notes = "\n".join(target._notes)
     assert notes.index("NMI sent") < notes.index("power cycled") < notes.index("recovered")
+
+
+def test_start_loads_the_installed_kernel_with_kexec_and_reboots_detached(tmp_path, monkeypatch):
+    from fleetbisect.deadline import Deadline
+    from fleetbisect.remote.fake import FakeRemote
+
+    target = baremetal.Baremetal(Host(), Playbook())
+    Playbook.boot = type("boot", (), {"cmdline": "console=ttyS0 panic=-1"})
+    answers = iter([True, True, False])  # still up twice after the trigger, then down
+    monkeypatch.setattr(target, "probe", lambda host: next(answers))
+    host = FakeRemote("box")
+    target.installed = ("/boot/vmlinuz-r1", "/boot/initrd.img-r1")
+    target.start(host, {}, tmp_path, Deadline.after(30))
+    commands = [c.command for c in host.calls]
+    assert commands[0] == "kexec -l /boot/vmlinuz-r1 --initrd=/boot/initrd.img-r1 '--command-line=console=ttyS0 panic=-1'"
+    assert "sleep 1; exec" in commands[1] and commands[1].endswith("kexec -e")
+    assert (tmp_path / "commands.txt").read_text().splitlines()[-1] == "kexec -e"
+
+
+def test_a_box_that_never_goes_down_is_a_start_failure_not_a_verdict(tmp_path, monkeypatch):
+    from fleetbisect.deadline import Deadline
+    from fleetbisect.remote.fake import FakeRemote
+    from fleetbisect.targets.base import TargetStartFailed
+
+    host_cfg = Host()
+    host_cfg.target = host_cfg.target.model_copy(update={"deadlines": host_cfg.target.deadlines.model_copy(
+        update={"down": 0.5})})
+    target = baremetal.Baremetal(host_cfg, Playbook())
+    Playbook.boot = type("boot", (), {"cmdline": "quiet"})
+    monkeypatch.setattr(target, "probe", lambda host: True)
+    target.installed = ("/boot/vmlinuz-r1", None)
+    with pytest.raises(TargetStartFailed, match="still answers SSH .* it did not reboot"):
+        target.start(FakeRemote("box"), {}, tmp_path, Deadline.after(30))
