@@ -82,8 +82,16 @@ class Ipmi(Power):
             if deadline.expired:
                 raise PowerError(f"{self.describe()}: the box did not power off")
             time.sleep(0.5)
-        self._run(deadline, "chassis", "power", "on")
-        return "power cycled (off, on: the BMC has no `cycle`)"
+        while True:  # a BMC may refuse `on` while the machine is still settling after `off`
+            try:
+                self._run(deadline, "chassis", "power", "on")
+                return "power cycled (off, on: the BMC has no `cycle`)"
+            except PowerAuthError:
+                raise
+            except PowerError:
+                if deadline.expired or self.status(deadline) == "on":
+                    raise
+                time.sleep(1.0)
 
     def nmi(self, deadline: Deadline) -> str:
         self._run(deadline, "chassis", "power", "diag")
