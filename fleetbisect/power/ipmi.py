@@ -89,7 +89,9 @@ class Ipmi(Power):
             except PowerAuthError:
                 raise
             except PowerError:
-                if deadline.expired or self.status(deadline) == "on":
+                if self.status(deadline) == "on":
+                    return "power cycled (off, on: the BMC has no `cycle`)"
+                if deadline.expired:
                     raise
                 time.sleep(1.0)
 
