@@ -67,7 +67,8 @@ class Baremetal(Target):
         self.release: str | None = None
         self.step_dir: Path | None = None
         self.installed: tuple[str, str | None] | None = None
-        self._console_mark = 0
+        self._console_mark = self._console_size()  # the console of this attempt starts here
+        self._console_cut: int | None = None  # where our power cycle began (what follows is ours)
         self._notes: list[str] = []
 
     # --- how the box is reached: it is the host ------------------------------------------------
@@ -265,11 +266,13 @@ class Baremetal(Target):
     def fetch_console(self, host: Remote, local: Path, deadline: Deadline) -> None:
         c = self.config.console
         if c.kind == "file":
-            with open(c.path, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(self._console_mark if self._console_mark <= size else 0)  # a power cycle may truncate it
-                text = f.read().decode("utf-8", "replace")
+            data = Path(c.path).read_bytes()
+            mark = self._console_mark if self._console_mark <= len(data) else 0  # a power cycle may truncate it
+            cut = self._console_cut if self._console_cut is not None and mark <= self._console_cut else len(data)
+            text = data[mark:cut].decode("utf-8", "replace")
+            if cut < len(data):  # the default kernel's boot after our power cycle: not the candidate's doing
+                write_text_masked(local.with_name("console-after-power-cycle.log"),
+                                  data[cut:].decode("utf-8", "replace"))
         elif c.kind == "pstore":
             with self.login(None, deadline.sub(30)) as box:
                 res = box.run(["sh", "-c", 'for f in /sys/fs/pstore/*; do [ -f "$f" ] || continue; '
@@ -324,6 +327,8 @@ class Baremetal(Target):
         except PowerError as e:
             self._note(f"NMI failed: {e}")
         try:
+            if self._console_cut is None:
+                self._console_cut = self._console_size()
             self._note(self.power.cycle(Deadline.after(60)))
             box = self._wait_default(Deadline.after(d.recover))
             box.close()

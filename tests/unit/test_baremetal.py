@@ -207,3 +207,27 @@ def test_a_box_that_never_goes_down_is_a_start_failure_not_a_verdict(tmp_path, m
     target.installed = ("/boot/vmlinuz-r1", None)
     with pytest.raises(TargetStartFailed, match="still answers SSH .* it did not reboot"):
         target.start(FakeRemote("box"), {}, tmp_path, Deadline.after(30))
+
+
+def test_the_console_of_a_step_stops_where_our_power_cycle_began(tmp_path, monkeypatch):
+    from fleetbisect.deadline import Deadline
+
+    monkeypatch.setattr(baremetal, "_FAILED", {})
+    log = tmp_path / "serial.log"
+    log.write_text("earlier step\n")
+    host_cfg = Host()
+    host_cfg.target = host_cfg.target.model_copy(update={"console": {"kind": "file", "path": str(log)}})
+    host_cfg.target = BaremetalConfig.model_validate(host_cfg.target.model_dump())
+    target = baremetal.Baremetal(host_cfg, Playbook())
+    target.power = FakePower()
+    target._wait_default = lambda deadline: type("S", (), {"close": lambda self: None})()
+    with log.open("a") as f:
+        f.write("Kernel panic - not syncing: hung\nNMI backtrace\n")
+    target._recover("no SSH")
+    with log.open("a") as f:
+        f.write("Linux version 6.1 (the default kernel again)\n")
+    (tmp_path / "step").mkdir()
+    target.fetch_console(None, tmp_path / "step" / "console.log", Deadline.after(5))
+    assert (tmp_path / "step" / "console.log").read_text() == "Kernel panic - not syncing: hung\nNMI backtrace\n"
+    assert "the default kernel again" in (tmp_path / "step" / "console-after-power-cycle.log").read_text()
+    assert "recovered by fake BMC" in (tmp_path / "step" / "recovery.log").read_text()
