@@ -216,8 +216,8 @@ def test_the_console_of_a_step_stops_where_our_power_cycle_began(tmp_path, monke
     log = tmp_path / "serial.log"
     log.write_text("earlier step\n")
     host_cfg = Host()
-    host_cfg.target = host_cfg.target.model_copy(update={"console": {"kind": "file", "path": str(log)}})
-    host_cfg.target = BaremetalConfig.model_validate(host_cfg.target.model_dump())
+    host_cfg.target = BaremetalConfig.model_validate({**host_cfg.target.model_dump(),
+                                                      "console": {"kind": "file", "path": str(log)}})
     target = baremetal.Baremetal(host_cfg, Playbook())
     target.power = FakePower()
     target._wait_default = lambda deadline: type("S", (), {"close": lambda self: None})()
