@@ -349,6 +349,8 @@ def leased(host_cfg, run_id: str, retries: int, ui: UI, token: str | None = None
                 ui.warn(f"could not release the lease on {host_cfg.name} (it expires by itself): {e}")
     finally:
         conn.close()
+        if lease.host is not conn:  # the keeper reconnected (a box that rebooted)
+            lease.host.close()
 
 
 class _Run:
