@@ -54,7 +54,7 @@ def box_demo(base: Path, ui: UI, *, commits: int, seed: int | None, scenario: st
     assets = ensure_assets()
     ui.step(f"lab: generating a kernel repo of {commits} commits (scenario {scenario}, seed {seed})")
     repo = generate_repo(base / "linux", box_repo_assets(assets, base), commits=commits, seed=seed, scenario=scenario)
-    os.environ[PASSWORD_ENV] = secrets.token_urlsafe(16)  # the BMC's password: only in the environment
+    os.environ[PASSWORD_ENV] = secrets.token_urlsafe(12)  # 16 chars: IPMI 2.0 takes at most 20 bytes
     with ExitStack() as stack:
         ui.step("lab: starting virtlogd and libvirtd (the first virsh call takes ~12 s)")
         lv = stack.enter_context(LabLibvirt.start(base / "libvirt"))
