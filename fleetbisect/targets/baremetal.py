@@ -154,40 +154,41 @@ class Baremetal(Target):
 
     def restore(self, host: Remote, deadline: Deadline) -> str:
         """Back to the known-good kernel, checked; the test kernels removed."""
-        done = []
-        try:
-            running = self._running(host, deadline.sub(30))
-        except (InfraError, RemoteError) as e:
-            running = f"? ({e})"
-        box = host
-        if running != self.config.default_release:
-            try:
-                self._reboot(host, self.config.oneshot.reboot)  # a one-shot entry is used once
-                box = self._wait_default(Deadline.after(self.config.deadlines.recover))
-                done.append(f"rebooted from {running} into its known-good {self.config.default_release}")
-            except (NotBack, TargetStartFailed, RemoteError) as e:
-                done.append(self._recover(f"a plain reboot did not bring the default kernel back ({e})"))
-                box = self.login(None, Deadline.after(30))
-        res = box.run(["sh", "-c", bootonce.REMOVE_ALL, "sh", self.config.boot_dir,
-                       bootonce.manifest(self.host_cfg.work_dir)], deadline=deadline.sub(60))
-        if res.stdout.strip():
-            done.append(res.stdout.strip().replace("\n", ", "))
-        if self.config.oneshot.method == "grub" and res.stdout.strip():
-            box.run(self.config.oneshot.update_grub, deadline=deadline.sub(120))
-        running = self._running(box, deadline.sub(30))
+        done = [d for d in [self.stop(host, deadline)] if d]
+        with self.login(None, Deadline.after(60)) as box:
+            res = box.run(["sh", "-c", bootonce.REMOVE_ALL, "sh", self.config.boot_dir,
+                           bootonce.manifest(self.host_cfg.work_dir)], deadline=deadline.sub(60))
+            if res.stdout.strip():
+                done.append(res.stdout.strip().replace("\n", ", "))
+                if self.config.oneshot.method == "grub":
+                    box.run(self.config.oneshot.update_grub, deadline=deadline.sub(120))
+            running = self._running(box, deadline.sub(30))
         if running != self.config.default_release:
             raise InfraError(f"the box runs {running!r} after restore, not {self.config.default_release!r}")
-        if box is not host:
-            box.close()
         _FAILED.pop(self.host_cfg.name, None)
         return "; ".join(done) or f"on its known-good {running}"
 
     # --- per step ----------------------------------------------------------------------------
 
     def stop(self, host: Remote, deadline: Deadline) -> str:
-        if self._answers(self.config.deadlines.answer):
-            return ""
-        return self._recover(f"the box did not answer SSH within {self.config.deadlines.answer:.0f}s")
+        """The box back on its default kernel: every step installs and pushes under the
+        known-good kernel (a candidate's broken network or disk never fails the next step's
+        push), and a candidate whose reboot hangs is power cycled here, not left for start()."""
+        if not self._answers(self.config.deadlines.answer):
+            return self._recover(f"the box did not answer SSH within {self.config.deadlines.answer:.0f}s")
+        try:
+            with self.login(None, Deadline.after(30)) as box:
+                running = self._running(box, Deadline.after(30))
+                if running == self.config.default_release:
+                    return ""
+                self._note(f"the box runs {running}: rebooting it into its default kernel")
+                self._reboot(box, self.config.oneshot.reboot)  # a one-shot boot is used once
+            self._wait_default(Deadline.after(self.config.deadlines.recover)).close()
+        except (NotBack, TargetStartFailed, InfraError) as e:
+            return self._recover(f"a reboot did not bring the default kernel back ({e})")
+        done = f"rebooted from {running} into its known-good {self.config.default_release}"
+        self._note(done)
+        return done
 
     def deploy(self, host: Remote, artifacts: Mapping[str, str], step_dir: Path, deadline: Deadline) -> None:
         self.step_dir = step_dir

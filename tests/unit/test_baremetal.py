@@ -231,3 +231,45 @@ def test_the_console_of_a_step_stops_where_our_power_cycle_began(tmp_path, monke
     assert (tmp_path / "step" / "console.log").read_text() == "Kernel panic - not syncing: hung\nNMI backtrace\n"
     assert "the default kernel again" in (tmp_path / "step" / "console-after-power-cycle.log").read_text()
     assert "recovered by fake BMC" in (tmp_path / "step" / "recovery.log").read_text()
+
+
+class Session:
+    def __init__(self, runs: str):
+        self.runs = runs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_stop_reboots_a_box_left_on_a_candidate_and_power_cycles_one_that_hangs(monkeypatch):
+    from fleetbisect.deadline import Deadline
+    from fleetbisect.targets.base import TargetStartFailed
+
+    monkeypatch.setattr(baremetal, "_FAILED", {})
+    target = baremetal.Baremetal(Host(), Playbook())
+    target.power = FakePower()
+    reboots = []
+    monkeypatch.setattr(target, "_answers", lambda seconds: True)
+    monkeypatch.setattr(target, "login", lambda host, deadline: Session(target.runs))
+    monkeypatch.setattr(target, "_running", lambda box, deadline: box.runs)
+    monkeypatch.setattr(target, "_wait_default", lambda deadline: Session("good"))
+    monkeypatch.setattr(target, "_reboot", lambda box, trigger: reboots.append(trigger))
+
+    target.runs = "good"
+    assert target.stop(None, Deadline.after(5)) == "" and reboots == []  # already on its default
+    target.runs = "6.1.0-fbabc"
+    assert target.stop(None, Deadline.after(5)) == "rebooted from 6.1.0-fbabc into its known-good good"
+    assert reboots == [["reboot"]] and target.power.calls == []  # a plain reboot, no BMC
+
+    def hangs(box, trigger):
+        raise TargetStartFailed("the box still answers SSH 60s after `reboot`: it did not reboot")
+
+    monkeypatch.setattr(target, "_reboot", hangs)
+    assert target.stop(None, Deadline.after(5)).startswith("recovered by fake BMC")
+    assert target.power.calls == ["nmi", "cycle"]
