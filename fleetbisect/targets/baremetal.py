@@ -3,8 +3,9 @@
 Per step, through the target seam:
 
     connect()  SSH to the box; a box that does not answer is recovered first (below)
-    stop()     a box that should be up but does not answer SSH within deadlines.answer is
-               recovered; one that answers is left running (the next candidate replaces it)
+    stop()     the box back on its default kernel (before and after each step): a plain
+               reboot from a candidate; a box that does not answer SSH within deadlines.answer,
+               or whose reboot hangs, is recovered (below)
     deploy()   install the pushed kernel (+ initrd, + modules) as BOOT_DIR/vmlinuz-<release>,
                removing the older test kernels first (bootonce.py)
     start()    make it the ONE-SHOT boot (kexec -l + kexec -e, grub-reboot ENTRY + reboot, or
