@@ -18,8 +18,10 @@ from . import targets
 from .deadline import Deadline
 from .errors import FleetbisectError
 from .remote.base import Remote, TunnelRefused
+from .remote.local import LocalRemote
 from .remote.ssh import SSHRemote
 from .reproducers import preflight
+from .stages import distcc
 from .stages.ready import kernel_identity
 from .ui import UI
 
@@ -43,6 +45,43 @@ free=$(df -Pk "$d" | awk 'NR==2 {print int($4/1024)}')
 if [ "${free:-0}" -ge "$need_mb" ]; then echo "disk	ok	${free} MB free at $d"; else echo "disk	fail	${free:-?} MB free at $d, want $need_mb"; fi
 if command -v timeout >/dev/null; then echo "timeout	ok	remote commands are bounded"; else echo "timeout	fail	coreutils timeout missing"; fi
 """
+# On a build host, besides the above: what a build there needs.
+_BUILD_PROBES = _PROBES + r"""
+for tool in git make; do
+  if command -v $tool >/dev/null; then echo "$tool	ok	$(command -v $tool)"; else echo "$tool	fail	$tool is not installed"; fi
+done
+"""
+
+
+def _script_probes(remote: Remote, script: str, args: list[str], prefix: str = "") -> list[Probe]:
+    """Run a probe script (one "name<TAB>ok|fail<TAB>detail" line per probe)."""
+    res = remote.run(["sh", "-c", script, "sh", *args], deadline=Deadline.after(30))
+    probes = []
+    for line in res.stdout.splitlines():
+        name, status, detail = (line.split("\t", 2) + ["", ""])[:3]
+        probes.append(Probe(prefix + name, status == "ok", detail))
+    return probes
+
+
+def probe_build(host_cfg, playbook) -> list[Probe]:
+    """Where the kernels are built: the build host (`build_on`: SSH, work dir, disk, git, make)
+    and the playbook's distcc daemons as seen from there (reachable, and a real compile goes
+    through each); nothing when the build is local without distcc."""
+    builder = getattr(host_cfg, "builder", None)
+    spec = getattr(getattr(playbook, "build", None), "distcc", None)
+    if builder is None:
+        return [Probe(*p) for p in distcc.probe(spec, LocalRemote(), Deadline.after(120))] if spec else []
+    probes = []
+    try:
+        with SSHRemote.connect(builder.ssh_params(), deadline=Deadline.after(builder.ssh.connect_timeout + 5)) as remote:
+            probes.append(Probe("build host", True, f"connected to {builder.name}, builds in {builder.work_dir}"))
+            probes += _script_probes(remote, _BUILD_PROBES, [builder.work_dir, str(MIN_FREE_MB)], "build host ")
+            if spec:
+                probes += [Probe(n, ok, f"from {builder.name}: {d}") for n, ok, d in
+                           distcc.probe(spec, remote, Deadline.after(120))]
+    except FleetbisectError as e:
+        probes.append(Probe("build host", False, str(e)))
+    return probes
 
 
 def identity_probe(playbook) -> Probe:
@@ -86,14 +125,8 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
     try:
         with SSHRemote.connect(host_cfg.ssh_params(), deadline=Deadline.after(host_cfg.ssh.connect_timeout + 5)) as host:
             probes.append(Probe("ssh", True, f"connected to {host_cfg.name}"))
-            res = host.run(
-                ["sh", "-c", _PROBES, "sh", host_cfg.work_dir,
-                 str(targets.select(host_cfg.target.kind).min_free_mb or MIN_FREE_MB)],
-                deadline=Deadline.after(30),
-            )
-            for line in res.stdout.splitlines():
-                name, status, detail = (line.split("\t", 2) + ["", ""])[:3]
-                probes.append(Probe(name, status == "ok", detail))
+            probes += _script_probes(host, _PROBES, [
+                host_cfg.work_dir, str(targets.select(host_cfg.target.kind).min_free_mb or MIN_FREE_MB)])
             for c in targets.for_host(host_cfg, playbook).probes(host, Deadline.after(60)):
                 probes.append(Probe(c.name, c.ok, c.detail))
             guest = host_cfg.target.guest  # None for a bare-metal box: it is the host
@@ -108,6 +141,7 @@ def check_host(host_cfg, playbook, ui: UI) -> bool:
     probes = [Probe("config", True, f"inventory and playbook {playbook.name!r} are valid"),
               identity_probe(playbook)]
     probes += probe_host(host_cfg, playbook)
+    probes += probe_build(host_cfg, playbook)
     table = Table(title=f"check {host_cfg.name}", show_header=True)
     for col in ("probe", "", "detail"):
         table.add_column(col)

@@ -252,7 +252,8 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                 # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
                 journal.guard = keeper.check
                 bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-                run = _Run(spec, state, Lab(bisect.tree, host, playbook, ui, lease=keeper), journal, report, bisect, hooks, ui)
+                lab = Lab(bisect.tree, host, playbook, ui, lease=keeper, background_cleanup=True)
+                run = _Run(spec, state, lab, journal, report, bisect, hooks, ui)
                 try:
                     run.search()
                 except KeyboardInterrupt:
@@ -264,6 +265,7 @@ def _drive(spec: RunSpec, state: RunState, host, playbook, run_dir: Path, ui: UI
                 except LeaseLost:
                     pass  # below: aborted, with the reason
                 finally:
+                    lab.settle()  # the last VM stops before anything ends (cleanup.py)
                     journal.guard = None
                     if keeper.lost and report.status == "running":
                         report.status, report.message = "aborted", keeper.lost

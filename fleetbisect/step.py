@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .cleanup import Pending
 from .deadline import Deadline
 from .errors import InfraError
 from .files import write_json_atomic, write_text_masked
@@ -93,6 +94,22 @@ class Lab:
     # How the host is reached and what boots the kernel on it (fakes in unit tests).
     connect: Callable[..., Remote] = field(default=lambda cfg, deadline: connect_host(cfg, deadline))
     make_target: Callable[..., object] = field(default=lambda cfg, playbook: targets.for_host(cfg, playbook))
+    # Stop a finished attempt's VM in the background while the run goes on (cleanup.py); whoever
+    # sets this must call settle() when the run ends, however it ends (run.py does).
+    background_cleanup: bool = False
+    pending: Pending | None = field(default=None, repr=False)
+
+    def settle(self) -> None:
+        """Wait for the previous attempt's VM to be stopped (before the next boot on this host,
+        before the lease is given back, when the run ends); what went wrong is a warning."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        error, waited = pending.wait()
+        if error:
+            self.ui.warn(f"could not clean up after the previous step: {error}")
+        elif waited > 0.05:
+            self.ui.detail(f"waited {waited:.2f}s for the previous VM to stop")
 
     def check_lease(self) -> None:
         """Raise LeaseLost when the host's lease was lost: the VM may be someone else's now."""
@@ -138,7 +155,8 @@ def run_step(lab: Lab, index: int, commit: str, subject: str, step_dir: Path,
 
     lab.ui.info(f"building {commit[:12]}")
     with timed("build", playbook.build.timeout):
-        built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout))
+        built = build(lab.tree, playbook, commit, step_dir / "build.log", Deadline.after(playbook.build.timeout),
+                      on=getattr(lab.host, "builder", None))
     evidence = [rel("build.log")]
     if not built.ok:
         if built.disk_full:  # not the commit's fault, and it will not heal by itself: stop
@@ -216,19 +234,20 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
             host = target.connect(lab.connect, Deadline.after(host_cfg.ssh.connect_timeout + 5))
         except InfraError as e:  # unreachable, or a box not brought back (one needing a human: RunAborted)
             return [Outcome(OutcomeKind.INFRA_ERROR, f"cannot reach the host: {e}")]
-        stack.callback(host.close)
         stack.callback(_cleanup, lab, target, host, step_dir, timed)
         try:
-            with timed("boot"):
-                stopped = target.stop(host, Deadline.after(60))
-                if stopped:
-                    lab.ui.detail(f"previous VM: {stopped}")
             with timed("push", playbook.push_timeout):
                 result = push(host, host_cfg.work_dir, built.artifacts, Deadline.after(playbook.push_timeout),
                               lab.hashes, image_send=playbook.image.send)
             pushed.update(result.uploaded)
             lab.ui.detail(f"pushed {sum(result.uploaded.values())} bytes ({', '.join(result.uploaded) or 'nothing changed'})")
             with timed("boot"):
+                # the previous attempt's VM (stopping in the background while this one built and
+                # pushed), then any VM left on the host (a dead controller's)
+                lab.settle()
+                stopped = target.stop(host, Deadline.after(60))
+                if stopped:
+                    lab.ui.detail(f"previous VM: {stopped}")
                 target.deploy(host, result.remote_paths, step_dir, Deadline.after(playbook.push_timeout))
                 try:
                     target.start(host, result.remote_paths, step_dir, Deadline.after(60))
@@ -315,19 +334,39 @@ def _save_dmesg(guest: Remote, step_dir: Path, ui: UI) -> None:
 
 
 def _cleanup(lab: Lab, target, host: Remote, step_dir: Path, timed) -> None:
-    """Stop the VM and fetch its console. Runs on every exit path; never raises. A controller
-    that lost the host's lease leaves the VM alone: it may be another controller's by now."""
+    """Stop the VM, fetch its console and close the host connection. Runs on every exit path;
+    never raises. A controller that lost the host's lease leaves the VM alone: it may be
+    another controller's by now. With `lab.background_cleanup` the console is fetched first
+    (the step is judged on it) and the stop runs while the run goes on (cleanup.py)."""
     ui = lab.ui
-    with timed("cleanup"):
-        try:
-            if lab.lease_lost:
-                ui.warn("the host's lease was lost: leaving the VM to whoever holds it now")
-            else:
-                target.stop(host, Deadline.after(60))
-        except Exception as e:  # noqa: BLE001 - cleanup reports, it does not mask the real error
-            ui.warn(f"could not stop the VM: {e}")
+
+    def stop() -> None:
+        if lab.lease_lost:
+            ui.warn("the host's lease was lost: leaving the VM to whoever holds it now")
+        else:
+            target.stop(host, Deadline.after(60))
+
+    def fetch() -> None:
         try:
             target.fetch_console(host, step_dir / "console.log", Deadline.after(60))
             mask_file(step_dir / "console.log")
         except Exception as e:  # noqa: BLE001
             ui.detail(f"no console log: {e}")
+
+    def stop_and_close() -> None:
+        try:
+            stop()
+        finally:
+            host.close()
+
+    with timed("cleanup"):
+        if lab.background_cleanup and not lab.lease_lost:
+            fetch()
+            lab.pending = Pending(stop_and_close, "stopping the VM")
+            return
+        try:
+            stop()
+        except Exception as e:  # noqa: BLE001 - cleanup reports, it does not mask the real error
+            ui.warn(f"could not stop the VM: {e}")
+        fetch()
+        host.close()

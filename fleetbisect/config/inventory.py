@@ -76,19 +76,43 @@ class SSH(Strict):
         )
 
 
+def _absolute(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError("must be an absolute path on the host")
+    return v.rstrip("/") or "/"
+
+
+class BuildHost(Strict):
+    """A machine that builds the kernels (stages/remotebuild.py): each commit is pushed to a
+    bare repository under `work_dir` with git over SSH, built in a worktree there that stays
+    between steps (incremental make), and its artifacts are pulled back."""
+
+    name: SkipJsonSchema[str] = ""  # filled in from the key
+    ssh: SSH
+    work_dir: str = "/var/tmp/fleetbisect-build"
+    source: SkipJsonSchema[str] = ""
+    # When the builder is the test host itself: its blob store (WORK_DIR/blobs), where the build
+    # leaves the kernel and initrd, so that the push stage finds them there and sends nothing.
+    blobs: SkipJsonSchema[str | None] = None
+
+    _work_dir = field_validator("work_dir")(_absolute)
+
+    def ssh_params(self) -> SSHParams:
+        return self.ssh.params(self.name)
+
+
 class Host(Strict):
     name: SkipJsonSchema[str] = ""  # filled in from the key
     ssh: SSH
     work_dir: str = "/var/tmp/fleetbisect"
+    # Where this host's kernels are built: a `build_hosts` entry, or a host's own name (a box
+    # that builds its own kernel). Default: on the controller.
+    build_on: str | None = Field(None, pattern=NAME)
     target: by_kind(*config_models())  # one model per target kind, chosen by `kind`
     source: SkipJsonSchema[str] = ""  # file it came from, for messages
+    builder: SkipJsonSchema[BuildHost | None] = None  # `build_on` resolved by the loader
 
-    @field_validator("work_dir")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must be an absolute path on the host")
-        return v.rstrip("/") or "/"
+    _work_dir = field_validator("work_dir")(_absolute)
 
     def ssh_params(self) -> SSHParams:
         return self.ssh.params(self.name)
@@ -98,6 +122,8 @@ class InventoryFile(Strict):
     """One inventory file, as published in inventory/schema.json."""
 
     hosts: dict[Annotated[str, StringConstraints(pattern=NAME)], Host] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False})
+    build_hosts: dict[Annotated[str, StringConstraints(pattern=NAME)], BuildHost] = Field(
         default_factory=dict, json_schema_extra={"additionalProperties": False})
 
 
@@ -130,44 +156,86 @@ def load_inventory(paths: list[Path]) -> Inventory:
     """Load and validate every file; all problems of all files are reported at once, by file
     and line: a broken host or an unknown key hides nothing else."""
     hosts: dict[str, Host] = {}
+    build_hosts: dict[str, BuildHost] = {}
     problems: list[str] = []
+    where: dict[str, tuple[Path, int | None]] = {}  # host -> file and line of its build_on
     for path in inventory_files(paths):
         try:
             data, lines = read_yaml(path)
         except ConfigError as e:
             problems += e.problems
             continue
-        problems += _load_file(path, data, lines, hosts)
+        problems += _load_file(path, data, lines, hosts, build_hosts)
+        for name, host in hosts.items():
+            if host.build_on and name not in where and host.source == str(path):
+                where[name] = (path, lines.line(("hosts", name, "build_on")))
+    if not problems:
+        hosts, problems = _resolve_builders(hosts, build_hosts, where)
     if problems:
         raise ConfigError(sort_problems(problems))
     return Inventory(hosts)
 
 
-def _load_file(path: Path, data, lines: Lines, hosts: dict[str, Host]) -> list[str]:
-    """The hosts of one file into `hosts`; its problems."""
+def _resolve_builders(hosts: dict[str, Host], build_hosts: dict[str, BuildHost],
+                      where: dict[str, tuple[Path, int | None]]) -> tuple[dict[str, Host], list[str]]:
+    """Each host's `build_on` as the BuildHost it names (any file of the inventory may define
+    it). A host named there builds in WORK_DIR/build on itself."""
+    problems: list[str] = []
+    out = dict(hosts)
+    for name, host in hosts.items():
+        if not host.build_on:
+            continue
+        builder = build_hosts.get(host.build_on)
+        if builder is None and host.build_on in hosts:
+            other = hosts[host.build_on]
+            builder = BuildHost(name=other.name, ssh=other.ssh, work_dir=other.work_dir.rstrip("/") + "/build",
+                                source=other.source,
+                                blobs=other.work_dir.rstrip("/") + "/blobs" if other is host else None)
+        if builder is None:
+            known = ", ".join(sorted(build_hosts)) or "none"
+            path, line = where[name]
+            problems.append(Problem(path, line, ("hosts", name, "build_on"),
+                                    f"no build host {host.build_on!r} (build_hosts has: {known}; "
+                                    "or name a host to build on it)"))
+            continue
+        out[name] = host.model_copy(update={"builder": builder})
+    return out, problems
+
+
+SECTIONS = {"hosts": (Host, "host", "ssh, work_dir, target"),
+            "build_hosts": (BuildHost, "build host", "ssh, work_dir")}
+
+
+def _load_file(path: Path, data, lines: Lines, hosts: dict[str, Host],
+               build_hosts: dict[str, BuildHost]) -> list[str]:
+    """The hosts and build hosts of one file into `hosts` and `build_hosts`; its problems."""
     if data is None:
         return []
     if not isinstance(data, dict):
         return [Problem(path, lines.line(()) or 1, (), "expected a mapping with `hosts:`")]
-    problems = [Problem(path, lines.line((key,)), (key,), "unknown field (a typo?) - an inventory file has `hosts:`")
-                for key in data if key != "hosts"]
-    entries = data.get("hosts")
-    if entries is None:
-        return problems
-    if not isinstance(entries, dict):
-        return [*problems, Problem(path, lines.line(("hosts",)), ("hosts",), "expected a mapping of host names")]
-    for name, raw in entries.items():
-        loc = ("hosts", name)
-        line = lines.line(loc)
-        if not isinstance(name, str) or not re.match(NAME, name):
-            problems.append(Problem(path, line, loc, "a host name is letters, digits, '.', '_', '-'"))
-        elif name in hosts:
-            problems.append(Problem(path, line, loc, f"already defined in {hosts[name].source}"))
-        elif not isinstance(raw, dict):
-            problems.append(Problem(path, line, loc, "expected a mapping of ssh, work_dir, target"))
-        else:
-            try:
-                hosts[name] = validate(Host, {**raw, "name": name, "source": str(path)}, path, lines, loc)
-            except ConfigError as e:
-                problems += e.problems
+    problems = [Problem(path, lines.line((key,)), (key,),
+                        "unknown field (a typo?) - an inventory file has `hosts:` and `build_hosts:`")
+                for key in data if key not in SECTIONS]
+    for section, found in (("hosts", hosts), ("build_hosts", build_hosts)):
+        model, what, fields = SECTIONS[section]
+        entries = data.get(section)
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            problems.append(Problem(path, lines.line((section,)), (section,), f"expected a mapping of {what} names"))
+            continue
+        for name, raw in entries.items():
+            loc = (section, name)
+            line = lines.line(loc)
+            if not isinstance(name, str) or not re.match(NAME, name):
+                problems.append(Problem(path, line, loc, f"a {what} name is letters, digits, '.', '_', '-'"))
+            elif name in found:
+                problems.append(Problem(path, line, loc, f"already defined in {found[name].source}"))
+            elif not isinstance(raw, dict):
+                problems.append(Problem(path, line, loc, f"expected a mapping of {fields}"))
+            else:
+                try:
+                    found[name] = validate(model, {**raw, "name": name, "source": str(path)}, path, lines, loc)
+                except ConfigError as e:
+                    problems += e.problems
     return problems

@@ -27,6 +27,29 @@ def _env_value(v):
     return v
 
 
+_DISTCC_HOST = r"^[A-Za-z0-9_.:\[\]-]+(/[1-9][0-9]{0,3})?$"
+
+
+class Distcc(Strict):
+    """Compile through distcc daemons (stages/distcc.py). The build gets the compiler through
+    distcc's masquerade directory first on PATH (so a kernel Makefile's `gcc` goes through it
+    untouched), `CC="distcc CC"` for Makefiles that read $CC, `DISTCC_HOSTS` and `-j` in
+    MAKEFLAGS. `check` connects to every daemon and compiles through each."""
+
+    hosts: list[Annotated[str, Field(pattern=_DISTCC_HOST)]] = Field(
+        min_length=1, description="distcc host specs, HOST[:PORT][/LIMIT]: 10.0.0.5:3632/8")
+    jobs: int | None = Int(1, 4096, None, description="make -j; default: the hosts' limits added up")
+    cc: str = Field("gcc", pattern=r"^[A-Za-z0-9_.+-]+$", description="the compiler distcc runs")
+    # When no daemon answers, compile locally (distcc's own default). False makes a dead daemon
+    # fail the build (a skip) instead of a slow local build.
+    fallback: StrictBool = True
+    masquerade: str = Field("/usr/lib/distcc", pattern=r"^/[^:\s]*$")
+
+    @property
+    def make_jobs(self) -> int:
+        return self.jobs or sum(int(h.rsplit("/", 1)[1]) if "/" in h else 4 for h in self.hosts)
+
+
 class Build(Strict):
     command: str = "make olddefconfig && make -j$(nproc)"
     timeout: Seconds = 3600.0
@@ -34,6 +57,7 @@ class Build(Strict):
     cherry_picks: list[str] = Field(default_factory=list)  # fixes applied for the build only
     localversion: StrictBool = True  # stamp LOCALVERSION=-fb<sha12> so the guest can prove its kernel
     release_file: str | None = "include/config/kernel.release"
+    distcc: Distcc | None = None  # compile through distcc daemons
 
     @model_validator(mode="after")
     def _stamp_read_back(self):
@@ -89,13 +113,31 @@ class Push(Strict):
 
 
 class ScpStress(Strict):
-    """Copy `size` bytes into the guest `iterations` times, each under `timeout`."""
+    """Copy `size` bytes into the guest `iterations` times, each under `timeout`; a copy that
+    moves no byte for `stall` seconds is a hang at once (`timeout` stays the outer bound).
+    `method`: `openssh-scp` (OpenSSH `scp -O`, as a user's script runs it), `scp` (the scp
+    protocol over fleetbisect's own SSH connection) or `sftp` (for guests with only an
+    sftp-server). `source: host` makes the file on the VM host and copies it from there (the
+    host's own ssh to the guest, the guest's pinned key): no stress byte crosses the
+    controller's link."""
 
     kind: Literal["scp-stress"]
     size: Bytes
     iterations: int = Int(1, 100_000, 15)
     timeout: Seconds
+    stall: Seconds = 5.0
+    method: Literal["openssh-scp", "scp", "sftp"] = "openssh-scp"
+    source: Literal["controller", "host"] = "controller"
     dest: str = "/tmp/fleetbisect-stress.bin"
+
+    @field_validator("stall")
+    @classmethod
+    def _stall_inside_timeout(cls, v: float, info) -> float:
+        timeout = info.data.get("timeout")
+        if timeout is not None and v >= timeout:
+            raise ValueError(f"{v:g}s must be shorter than timeout ({timeout:g}s): a copy that moves "
+                             "nothing for `stall` seconds is a hang before the timeout")
+        return v
 
 
 def _regex(p: str) -> str:
@@ -118,6 +160,8 @@ class CommandRepro(Strict):
     expect_exit: int = Int(0, 255, 0)
     fail_patterns: list[str] = Field(default_factory=list)
     pass_patterns: list[str] = Field(default_factory=list)
+    # Opt-in: a command that prints nothing (stdout or stderr) for this long is a hang at once.
+    stall: Seconds | None = None
 
     @field_validator("fail_patterns", "pass_patterns")
     @classmethod

@@ -77,8 +77,8 @@ def banner_ready(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is `pid` (from /proc), depth first: the processes our sshd forked."""
+def processes() -> list[tuple[int, int, int]]:
+    """(pid, ppid, pgid) of every process, from /proc."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -87,11 +87,20 @@ def _children(pid: int) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        # the comm field may hold spaces or parentheses: the ppid follows the last ')'
+        # the comm field may hold spaces or parentheses: state, ppid, pgrp follow the last ')'
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            child = int(entry)
-            found.extend(_children(child))
+        if len(fields) > 2:
+            found.append((int(entry), int(fields[1]), int(fields[2])))
+    return found
+
+
+def _children(pid: int, table: list[tuple[int, int, int]] | None = None) -> list[int]:
+    """PIDs whose parent is `pid` (from /proc), depth first: the processes our sshd forked."""
+    table = processes() if table is None else table
+    found = []
+    for child, ppid, _ in table:
+        if ppid == pid:
+            found.extend(_children(child, table))
             found.append(child)
     return found
 

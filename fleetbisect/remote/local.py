@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 from ..deadline import Deadline
 from .base import (
@@ -53,6 +53,17 @@ class OutputTail:
         dropped = self.dropped + len(self.buf) - len(data)
         out = data.decode("utf-8", errors="replace")
         return f"[... {dropped} bytes dropped ...]\n{out}" if dropped else out
+
+
+def heard_tails(output: Callable[[bytes], None]) -> tuple[OutputTail, OutputTail]:
+    """stdout and stderr tails that also hand each piece to `output`."""
+
+    class Heard(OutputTail):
+        def add(self, data: bytes) -> None:
+            super().add(data)
+            output(data)
+
+    return Heard(), Heard()
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -32,7 +32,7 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import paramiko
 
@@ -54,7 +54,7 @@ from .base import (
 )
 from .connect import close_all, left as _left, open_chain, short as _short
 from .endpoint import Endpoint, resolve
-from .local import OutputTail
+from .local import OutputTail, heard_tails
 
 log = logging.getLogger("fleetbisect.remote")
 
@@ -185,6 +185,10 @@ class SSHRemote:
         self._broken = reason
         close_all([self._transport, *reversed(self._jumps)])
 
+    def abort(self, reason: str) -> None:
+        """Cut the connection from another thread (a stall watcher); never blocks."""
+        self._cut(reason)
+
     @contextlib.contextmanager
     def _watchdog(self, deadline: Deadline, what: str, grace: float = GRACE) -> Iterator[None]:
         """Cut the connection if the block is still running `grace` seconds past the deadline."""
@@ -202,11 +206,12 @@ class SSHRemote:
     # commands ----------------------------------------------------------------------------
 
     def run(self, command: str | Sequence[str], *, deadline: Deadline, check: bool = False,
-            stdin: bytes | None = None) -> Result:
+            stdin: bytes | None = None, output: Callable[[bytes], None] | None = None) -> Result:
+        """`output(data)` hears each piece of stdout/stderr as it comes (a stall watcher)."""
         cmd = command_string(command)
         started = time.monotonic()
         log.debug("%s: run: %s", self.name, cmd)
-        out, err = OutputTail(), OutputTail()
+        out, err = (OutputTail(), OutputTail()) if output is None else heard_tails(output)
 
         def partial() -> Result:
             return Result(cmd, -1, out.text(), err.text(), time.monotonic() - started)

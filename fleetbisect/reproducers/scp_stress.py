@@ -1,28 +1,34 @@
 """scp-stress: copy a large file into the guest N times, each under a timeout.
 
 The field's failure: after some GiB the guest's network stops; the transfer stalls with no
-error. A transfer that misses its deadline is a hang (if the host still answers).
+error. A transfer that moves no byte for `stall` seconds, or misses its deadline, is a hang (if
+the host still answers). Each transfer's bytes-over-time go into the reproducer log (one JSON
+line per transfer) and, for the one that stopped, into the outcome: where it stopped, and when
+the answer came. How the bytes travel (`method`, `source`) is transfer.py's and host_source.py's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
+import time
 
 from ..deadline import Deadline
 from ..masking import open_masked
-from ..remote.base import Remote, RemoteError, TransferTimedOut
+from ..remote.base import Remote, RemoteError, TransferStats, TransferTimedOut
 from ..verdict import Outcome, OutcomeKind
-from . import ReproContext, guest_lost
-
-BLOCK = 1 << 20
+from . import ReproContext, guest_lost, transfer
+from .transfer import BLOCK
+from .watch import Watch
 
 # $1 dest, $2 bytes. Prints why the guest cannot hold the file there, or nothing. Read-only,
 # but for a probe file created and removed next to the destination.
 _PREFLIGHT = r"""
-d=$1; size=$2
+d=$1; size=$2; method=$3
 case "$d" in /*) ;; *) echo "dest $d is not an absolute path"; exit 0;; esac
+if [ "$method" != sftp ] && ! command -v scp >/dev/null 2>&1; then
+  echo "the guest has no scp for method: $method (method: sftp uses its sftp-server, or cat)"; exit 0
+fi
 if [ -e "$d" ] && [ ! -f "$d" ]; then echo "dest $d exists and is not a regular file: a copy there proves nothing"; exit 0; fi
 dir=$(dirname "$d")
 [ -d "$dir" ] || { echo "the directory $dir does not exist in the guest"; exit 0; }
@@ -36,17 +42,10 @@ if [ "${1:-0}" -gt 0 ] && [ $(( (${2:-0} + have) * 1024 )) -lt "$size" ]; then
 fi
 """
 
-# What a write into the guest says when the guest's environment, not its kernel, refused it.
-_ENVIRONMENT = re.compile(
-    r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|"
-    r"Operation not permitted|No such file or directory|Is a directory|bytes written, expected",
-    re.IGNORECASE,
-)
-
-
 def preflight(spec, guest: Remote, deadline: Deadline) -> str | None:
     """Why `dest` cannot receive `size` bytes in this guest, or None."""
-    res = guest.run(["sh", "-c", _PREFLIGHT, "sh", spec.dest, str(spec.size)], deadline=deadline)
+    method = "openssh-scp" if spec.source == "host" else spec.method
+    res = guest.run(["sh", "-c", _PREFLIGHT, "sh", spec.dest, str(spec.size), method], deadline=deadline)
     problem = res.stdout.strip()
     if not res.ok and not problem:
         problem = f"the preflight exited {res.exit_status}: {res.stderr.strip()[-200:]}"
@@ -62,84 +61,87 @@ def environment_fault(spec, ctx: ReproContext, error: str) -> str | None:
         problem = None  # the guest stopped answering: not an environment question
     if problem:
         return problem
-    m = _ENVIRONMENT.search(error)
+    m = transfer.ENVIRONMENT.search(error)
     return f"the guest's filesystem refused the write ({m.group(0)})" if m else None
 
 
-class PatternSource:
-    """`size` bytes of incompressible data without holding them in memory."""
-
-    def __init__(self, size: int, block: bytes | None = None):
-        self.left = size
-        self.block = block or os.urandom(BLOCK)
-        self.pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self.left:
-            n = self.left
-        out = bytearray()
-        while len(out) < n:
-            take = min(n - len(out), len(self.block) - self.pos)
-            out += self.block[self.pos : self.pos + take]
-            self.pos = (self.pos + take) % len(self.block)
-        self.left -= n
-        return bytes(out)
+def _via_host(ctx: ReproContext) -> Remote | None:
+    """The host connection when the guest is reached through it (OpenSSH then jumps through it)."""
+    guest_cfg = getattr(getattr(ctx.target, "config", None), "guest", None)
+    return ctx.host if getattr(guest_cfg, "via", None) == "host" else None
 
 
 def run(spec, ctx: ReproContext) -> list[Outcome]:
-    block = os.urandom(BLOCK)
+    if spec.source == "host":
+        from . import host_source
+
+        copy = host_source.prepare(spec, ctx)
+    else:
+        block = os.urandom(BLOCK)
+        via = _via_host(ctx)
+
+        def copy(deadline: Deadline, watch: Watch) -> TransferStats:
+            return transfer.put(spec.method, ctx.guest, spec.size, spec.dest, deadline, watch, block, via)
+
     iterations = []
     total = 0
-    log_path = ctx.log_path
-    with open_masked(log_path, "w") as log:
+    with open_masked(ctx.log_path, "w") as log:
 
         def record(entry: dict) -> None:
             iterations.append(entry)
             log.write(json.dumps(entry) + "\n")
             log.flush()
 
+        def details(extra: dict | None = None) -> dict:
+            return {"iterations": iterations, "bytes_total": total, "method": spec.method,
+                    "source": spec.source, "stall": spec.stall, **(extra or {})}
+
         for i in range(1, spec.iterations + 1):
             deadline = Deadline.after(spec.timeout)
+            watch = Watch(spec.stall, deadline=deadline)
             try:
-                stats = ctx.guest.put_stream(
-                    PatternSource(spec.size, block), spec.size, spec.dest, deadline=deadline
-                )
-            except TransferTimedOut as e:
-                total += e.bytes_done
-                record({"iteration": i, "bytes": e.bytes_done, "timed_out": True})
-                return [guest_lost(
-                    ctx,
-                    f"transfer {i}/{spec.iterations} stalled: no completion within "
-                    f"{spec.timeout:.0f}s after {total / 1e6:.1f} MB in all",
-                    OutcomeKind.HANG,
-                    {"iterations": iterations, "bytes_total": total},
-                )]
+                with watch:
+                    stats = copy(deadline, watch)
             except RemoteError as e:
-                record({"iteration": i, "error": str(e)})
+                total += watch.done
+                evidence = watch.evidence()
+                if watch.stalled or watch.timed_out or isinstance(e, TransferTimedOut):
+                    why = (f"no byte moved for {spec.stall:g}s" if watch.stalled
+                           else f"no completion within {spec.timeout:.0f}s")
+                    record({"iteration": i, "bytes": watch.done, "timed_out": watch.timed_out or not watch.stalled,
+                            "stalled": watch.stalled, **evidence})
+                    out = guest_lost(
+                        ctx,
+                        f"transfer {i}/{spec.iterations} stalled: {why}, {watch.done / 1e6:.1f} MB into it "
+                        f"(last byte at {evidence['last_progress_s']:.1f}s), {total / 1e6:.1f} MB in all",
+                        OutcomeKind.HANG, details(),
+                    )
+                    # when the reproducer gave its answer, on the transfer's clock: the evidence
+                    # shows it came `stall` seconds after the last byte, not at the timeout
+                    out.details["ended_s"] = round(time.monotonic() - watch.started, 3)
+                    log.write(json.dumps({"iteration": i, "ended_s": out.details["ended_s"]}) + "\n")
+                    return [out]
+                record({"iteration": i, "bytes": watch.done, "error": str(e), **evidence})
                 fault = environment_fault(spec, ctx, str(e))
                 if fault:
                     return [Outcome(
                         OutcomeKind.INFRA_ERROR,
                         f"transfer {i}/{spec.iterations} failed in the guest's environment, not its "
                         f"kernel: {fault}",
-                        {"iterations": iterations, "bytes_total": total, "error": str(e)},
-                        (ctx.log_name,),
+                        details({"error": str(e)}), (ctx.log_name,),
                     )]
-                return [guest_lost(
-                    ctx,
-                    f"transfer {i}/{spec.iterations} failed: {e}",
-                    OutcomeKind.FAIL,
-                    {"iterations": iterations, "bytes_total": total},
-                )]
+                return [guest_lost(ctx, f"transfer {i}/{spec.iterations} failed: {e}", OutcomeKind.FAIL, details())]
             total += stats.bytes
             record({
                 "iteration": i, "bytes": stats.bytes, "seconds": round(stats.seconds, 3),
-                "mb_per_s": round(stats.mb_per_s, 1),
+                "mb_per_s": round(stats.mb_per_s, 1), "samples": watch.evidence()["samples"],
             })
             ctx.log(f"transfer {i}/{spec.iterations}: {stats.bytes / 1e6:.1f} MB at {stats.mb_per_s:.1f} MB/s")
+    # the log keeps every transfer's samples; the outcome keeps the rates (report.json stays small)
+    for entry in iterations:
+        entry.pop("samples", None)
     return [Outcome(
         OutcomeKind.PASS,
-        f"{spec.iterations} transfers, {total / 1e6:.1f} MB in all",
-        {"iterations": iterations, "bytes_total": total},
-        (ctx.log_name,),
+        f"{spec.iterations} transfers ({spec.method}), {total / 1e6:.1f} MB in all",
+        details(), (ctx.log_name,),
     )]

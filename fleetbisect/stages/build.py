@@ -18,6 +18,7 @@ from .. import masking
 from ..masking import open_masked
 from ..search.gitbisect import git
 from ..verdict import OutcomeKind
+from . import distcc
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,22 @@ PIDFILE = "build.pid"
 
 
 def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
-          pidfile: Path | None = None) -> BuildResult:
+          pidfile: Path | None = None, on=None) -> BuildResult:
     """Apply cherry-picks, run the build command, collect artifacts, undo the cherry-picks.
 
     The log is masked as it streams. `pidfile` (default: build.pid next to the log) names the
-    running build's process group; a build a dead controller left there is killed first."""
+    running build's process group; a build a dead controller left there is killed first.
+    `on`: the machine to build on (an inventory BuildHost), instead of here."""
+    if on is not None:
+        from .remotebuild import build_on
+
+        return build_on(on, tree, playbook, commit, log_path, deadline)
     spec = playbook.build
     pidfile = log_path.with_name(PIDFILE) if pidfile is None else pidfile
     env = dict(os.environ)
     env.update({k: str(v) for k, v in spec.env.items()})
+    if spec.distcc:
+        env = distcc.local_environment(spec.distcc, env)
     masking.register(env)  # secret-looking names in the environment it inherits
     masking.register_build_env(spec.env)
     if spec.localversion:

@@ -67,19 +67,28 @@ def push(
     digests = {name: hashes(path) + (disk_image.blob_suffix(send) if name == "image" else "")
                for name, path in artifacts.items()}
 
-    # One round trip: make the dirs, report which blobs exist, and mark them used (mtime).
+    # One round trip: make the dirs, report which blobs exist and mark them used (mtime), and
+    # prune old blobs so a long run cannot fill the host's disk, never the ones this step uses
+    # (image blobs carry a suffix, `<sha256>.sparse`, and are counted apart).
+    keep = sorted(set(digests.values()))
     script = (
-        'mkdir -p "$1" "$2" && b=$1 && shift 2 && for h; do '
-        '[ -e "$b/$h" ] && touch "$b/$h" && echo "$h"; done; true'
+        'mkdir -p "$1" "$2" && b=$1 && shift 2 && mi=0 && mp=0 && for h; do '
+        'if [ -e "$b/$h" ]; then touch "$b/$h" && echo "$h"; '
+        'else case $h in *.*) mi=$((mi + 1));; *) mp=$((mp + 1));; esac; fi; done; '
+        # the blobs about to be uploaded count against the limits too
+        f'cd "$b" && ls -1t | awk -v ki=$(({KEEP_IMAGE_BLOBS} - mi)) -v kp=$(({KEEP_BLOBS} - mp)) '
+        "'/\\./ { if (++i > ki) print; next } { if (++n > kp) print }' | "
+        'while read -r f; do case " $* " in *" $f "*) ;; *) rm -f -- "$f";; esac; done; true'
     )
     present = set(
         host.run(
-            ["sh", "-c", script, "sh", blobs, staging, *sorted(set(digests.values()))],
+            ["sh", "-c", script, "sh", blobs, staging, *keep],
             deadline=deadline.sub(60),
             check=True,
         ).stdout.split()
     )
     uploaded: dict[str, int] = {}
+    moves: list[str] = []  # part, blob, part, blob...: renamed into place in one round trip
     for name, path in artifacts.items():
         digest = digests[name]
         if digest in present:
@@ -90,19 +99,12 @@ def push(
                 stats = host.put(disk_image.encode(path, send, Path(tmp), deadline), part, deadline=deadline)
         else:
             stats = host.put(path, part, deadline=deadline)
-        host.run(["mv", "-f", part, posixpath.join(blobs, digest)], deadline=deadline.sub(60), check=True)
+        moves += [part, posixpath.join(blobs, digest)]
         present.add(digest)
         uploaded[name] = stats.bytes
-
-    # Prune old blobs so a long run cannot fill the host's disk; never the ones just used.
-    keep = sorted(set(digests.values()))
-    # Image blobs carry a suffix (`<sha256>.sparse`); they are counted apart.
-    prune = (
-        f"cd {shlex.quote(blobs)} && ls -1t | awk '/\\./ {{ if (++i > {KEEP_IMAGE_BLOBS}) print; next }} "
-        f"{{ if (++n > {KEEP_BLOBS}) print }}' | "
-        "while read -r f; do case \" $* \" in *\" $f \"*) ;; *) rm -f -- \"$f\";; esac; done"
-    )
-    host.run(["sh", "-c", prune, "sh", *keep], deadline=deadline.sub(60))
+    if moves:
+        host.run(["sh", "-c", 'while [ $# -gt 0 ]; do mv -f "$1" "$2" || exit; shift 2; done', "sh", *moves],
+                 deadline=deadline.sub(60), check=True)
     return PushResult(
         {name: posixpath.join(blobs, digests[name]) for name in artifacts},
         uploaded,

@@ -139,7 +139,7 @@ def test_a_raw_image_is_pushed_without_its_zeros_and_only_once(tmp_path):
     assert 8192 < got.uploaded["image"] < (1 << 20)  # a qcow2 of one cluster, not 64 MiB
     staged = next(p for p, data in host.files.items() if p.startswith(f"/w/staging/{sha}.sparse"))
     assert host.files[staged][:4] == b"QFI\xfb"  # what travelled is a qcow2
-    assert any(c == f"mv -f {staged} /w/blobs/{sha}.sparse" for c in host.commands())
+    assert any("mv -f" in c and f"{staged} /w/blobs/{sha}.sparse" in c for c in host.commands())
 
     # The host has it now: the next push sends nothing.
     host.on(re.compile(r"^sh -c"), stdout=f"{sha}.sparse\n{sha256_file(kernel)}\n")

@@ -162,9 +162,82 @@ class LeaseLostAfter:
 
 def test_a_lost_lease_stops_the_step_and_leaves_the_vm_alone(tree, configs, tmp_path):
     path, sha = tree
-    # held for build and the first boot stage (stop the old VM), lost before the push
+    # held for build and the push, lost before the boot (which stops the old VM first)
     lab, made = lab_with(path, configs, {"guest": guest_for(f"6.1.0-fb{sha[:12]}")}, lease=LeaseLostAfter(2))
     with pytest.raises(LeaseLost):
         run_step(lab, 1, sha, "one", tmp_path / "run" / "steps" / "001")
     (target,) = made  # raised, not retried as an infrastructure fault
-    assert target.calls == ["stop", "console"]  # no second stop: the VM may be another's now
+    assert target.calls == ["console"]  # no stop at all: the VM may be another's now
+
+
+class SlowStopTarget(FakeTarget):
+    """A VM whose stop takes until the test lets it go (shared log of every target's calls)."""
+
+    log: list[str] = []
+    release = None
+
+    def stop(self, host, deadline):
+        self.log.append("stop begins")
+        self.release.wait(30)
+        self.log.append("stop ends")
+        return ""
+
+    def start(self, host, artifacts, step_dir, deadline):
+        self.log.append("start")
+
+
+def test_background_cleanup_stops_the_vm_while_the_run_goes_on_and_before_the_next_boot(
+        tree, configs, tmp_path):
+    import threading
+
+    path, sha = tree
+    host_cfg, playbook = configs
+    SlowStopTarget.log, SlowStopTarget.release = [], threading.Event()
+    hosts: list[FakeRemote] = []
+
+    def connect(cfg, deadline):
+        hosts.append(FakeRemote("host"))
+        return hosts[-1]
+
+    lab = Lab(path, host_cfg, playbook, UI(quiet=True), background_cleanup=True, connect=connect,
+              make_target=lambda cfg, pb: SlowStopTarget(cfg, pb, guest=guest_for(f"6.1.0-fb{sha[:12]}")))
+    SlowStopTarget.release.set()  # the first boot's stop of a leftover VM: nothing to wait for
+    rec = run_step(lab, 1, sha, "one", tmp_path / "run" / "steps" / "001")
+    assert rec.verdict is Verdict.GOOD, rec.reason
+    # the step was judged (its console fetched) with the VM's stop handed to the background
+    assert (tmp_path / "run" / "steps" / "001" / "console.log").exists()
+    assert lab.pending is not None
+    SlowStopTarget.release.clear()
+    SlowStopTarget.log.clear()
+    threading.Timer(0.2, SlowStopTarget.release.set).start()  # the stop finishes later
+    rec2 = run_step(lab, 2, sha, "one", tmp_path / "run" / "steps" / "002")
+    assert rec2.verdict is Verdict.GOOD
+    # the next boot waited for the previous VM's stop to finish, and only then started one
+    assert SlowStopTarget.log.index("stop ends") < SlowStopTarget.log.index("start")
+    assert hosts[0].closed  # the first attempt's connection was closed by the background stop
+    lab.settle()
+    assert lab.pending is None and hosts[1].closed
+
+
+def test_a_failed_background_stop_is_a_warning_at_settle(tree, configs, tmp_path):
+    path, sha = tree
+    warnings = []
+
+    class Failing(FakeTarget):
+        stops = 0
+
+        def stop(self, host, deadline):
+            Failing.stops += 1
+            if Failing.stops > 1:
+                raise OSError("host went away")
+            return ""
+
+    host_cfg, playbook = configs
+    ui = UI(quiet=True)
+    ui.warn = warnings.append
+    lab = Lab(path, host_cfg, playbook, ui, background_cleanup=True,
+              connect=lambda cfg, deadline: FakeRemote("host"),
+              make_target=lambda cfg, pb: Failing(cfg, pb, guest=guest_for(f"6.1.0-fb{sha[:12]}")))
+    assert run_step(lab, 1, sha, "one", tmp_path / "s").verdict is Verdict.GOOD
+    lab.settle()
+    assert any("host went away" in w for w in warnings), warnings
