@@ -360,7 +360,9 @@ def _cleanup(lab: Lab, target, host: Remote, step_dir: Path, timed) -> None:
             host.close()
 
     with timed("cleanup"):
-        if lab.background_cleanup and not lab.lease_lost:
+        # not for a target that reboots the host itself (a box): the next step reaches it only
+        # once it is back on its default kernel
+        if lab.background_cleanup and not lab.lease_lost and not getattr(target, "reboots_host", False):
             fetch()
             lab.pending = Pending(stop_and_close, "stopping the VM")
             return
