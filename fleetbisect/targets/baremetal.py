@@ -305,13 +305,13 @@ class Baremetal(Target):
         """After an NMI: wait (up to `seconds`) until the console stops growing, so what the
         kernel prints is in it before the power cycle."""
         end = Deadline.after(seconds)
-        last, quiet_since = self._console_size(), time.monotonic()
+        last, quiet_since = self._console_size(), None  # quiet only counts once the kernel printed
         while not end.expired:
             time.sleep(POLL)
             now = self._console_size()
             if now != last:
                 last, quiet_since = now, time.monotonic()
-            elif self.config.console.kind == "file" and time.monotonic() - quiet_since > 2.0 and now > 0:
+            elif quiet_since is not None and time.monotonic() - quiet_since > 2.0:
                 return
 
     def _recover(self, why: str) -> str:
