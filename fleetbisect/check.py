@@ -125,10 +125,12 @@ def probe_host(host_cfg, playbook) -> list[Probe]:
     try:
         with SSHRemote.connect(host_cfg.ssh_params(), deadline=Deadline.after(host_cfg.ssh.connect_timeout + 5)) as host:
             probes.append(Probe("ssh", True, f"connected to {host_cfg.name}"))
-            probes += _script_probes(host, _PROBES, [host_cfg.work_dir, str(MIN_FREE_MB)])
+            probes += _script_probes(host, _PROBES, [
+                host_cfg.work_dir, str(targets.select(host_cfg.target.kind).min_free_mb or MIN_FREE_MB)])
             for c in targets.for_host(host_cfg, playbook).probes(host, Deadline.after(60)):
                 probes.append(Probe(c.name, c.ok, c.detail))
-            if not playbook.console_only and host_cfg.target.guest.reach == "ssh":
+            guest = host_cfg.target.guest  # None for a bare-metal box: it is the host
+            if not playbook.console_only and guest is not None and guest.reach == "ssh":
                 probes += probe_guest_path(host, host_cfg, playbook)
     except FleetbisectError as e:
         probes.append(Probe("ssh", False, str(e)))

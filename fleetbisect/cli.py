@@ -109,8 +109,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="net-hang",
                    choices=("net-hang", "panic", "oops-warning", "boot-slow", "console", "flaky"),
                    help="which regression the lab seeds (default: net-hang)")
-    p.add_argument("--target", default="qemu", choices=("qemu", "libvirt"),
-                   help="what boots the guest: a QEMU per step, or a libvirt domain (default: qemu)")
+    p.add_argument("--target", default="qemu", choices=("qemu", "libvirt", "baremetal"),
+                   help="what boots the guest: a QEMU per step, a libvirt domain, or a bare-metal box "
+                   "(its own kernel, with a BMC) (default: qemu)")
     p.add_argument("--hosts", type=int, default=1, choices=range(1, 8), metavar="N",
                    help="VM hosts in the lab (each its own sshd and QEMU), bisecting together (default 1)")
     p.add_argument("--image", action="store_true",

@@ -22,6 +22,7 @@ import posixpath
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -153,8 +154,14 @@ class LeaseKeeper:
     (to tell the user, to cut a connection). `on_renewed()` is called after each renewal."""
 
     def __init__(self, lease: Lease, on_lost: Callable[[str], None] | None = None,
-                 on_renewed: Callable[[], None] | None = None, interval: float | None = None):
+                 on_renewed: Callable[[], None] | None = None, interval: float | None = None,
+                 reconnect: Callable[[], Remote] | None = None):
         self.lease = lease
+        # For a host that reboots during a step (a bare-metal box): a renewal that fails for the
+        # connection is tried again on a new one until the lease would expire (it is ours until
+        # then); a lease another controller holds by then is lost as always.
+        self.reconnect = reconnect
+        self._renewed_at = time.monotonic()
         self.on_lost = on_lost
         self.on_renewed = on_renewed
         self.interval = lease.ttl / 3 if interval is None else interval
@@ -169,7 +176,7 @@ class LeaseKeeper:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.lease.acquire()
+                self._renew()
             except Exception as e:  # noqa: BLE001 - any failure: we no longer know we hold it
                 if self._stop.is_set():
                     return  # stopping: the run is over, a renewal racing the release is moot
@@ -179,6 +186,35 @@ class LeaseKeeper:
                 return
             if self.on_renewed is not None:
                 self.on_renewed()
+
+    def _renew(self) -> None:
+        try:
+            self.lease.acquire()
+        except LeaseHeld:
+            raise
+        except Exception:
+            if self.reconnect is None:
+                raise
+            self._renew_again()
+        self._renewed_at = time.monotonic()
+
+    def _renew_again(self) -> None:
+        expires = self._renewed_at + self.lease.ttl - 10
+        while not self._stop.is_set():
+            try:
+                conn = self.reconnect()
+            except Exception:  # noqa: BLE001 - the host is still down: try again until expiry
+                if time.monotonic() >= expires:
+                    raise
+                self._stop.wait(5)
+                continue
+            old, self.lease.host = self.lease.host, conn
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001 - the old connection is dead anyway
+                pass
+            self.lease.acquire()
+            return
 
     def check(self) -> None:
         """Raise LeaseLost once the lease is lost: call it before anything that drives the VM

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .deadline import Deadline
-from .errors import RunAborted, UserError
+from .errors import InfraError, RunAborted, UserError
 from .files import write_atomic
 from .hooks import EVENTS, Hooks
 from . import targets
@@ -286,8 +286,8 @@ def _restore_target(host_cfg, playbook, ui: UI) -> None:
     if type(target).restore is targets.Target.restore:
         return  # nothing to put back (a VM started per step)
     try:
-        conn = connect_host(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
-    except RemoteError as e:
+        conn = target.connect(connect_host, Deadline.after(host_cfg.ssh.connect_timeout + 5))
+    except (RemoteError, InfraError, RunAborted) as e:
         ui.warn(f"could not reach {host_cfg.name} to restore its {target.kind} target: {e}; "
                 "`fleetbisect resume` of this run tries again")
         return
@@ -321,8 +321,10 @@ def leased(host_cfg, run_id: str, retries: int, ui: UI, token: str | None = None
         note = lease.acquire()
         if note:
             ui.warn(note)
+        reboots = targets.select(host_cfg.target.kind).reboots_host  # a box: renewals reconnect
         keeper = LeaseKeeper(lease, lambda why: ui.error(f"{why}; stopping before the next decision"),
-                             on_renewed).start()
+                             on_renewed, reconnect=(lambda: connect_host(
+                                 host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))) if reboots else None).start()
         try:
             yield keeper
         finally:
@@ -333,6 +335,8 @@ def leased(host_cfg, run_id: str, retries: int, ui: UI, token: str | None = None
                 ui.warn(f"could not release the lease on {host_cfg.name} (it expires by itself): {e}")
     finally:
         conn.close()
+        if lease.host is not conn:  # the keeper reconnected (a box that rebooted)
+            lease.host.close()
 
 
 class _Run:

@@ -233,10 +233,11 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
     bytes sent per artifact (nothing for an unchanged one)."""
     host_cfg, playbook = lab.host, lab.playbook
     target = lab.make_target(host_cfg, playbook)
+    target.expect(built.release)
     with ExitStack() as stack:
         try:
-            host = lab.connect(host_cfg, Deadline.after(host_cfg.ssh.connect_timeout + 5))
-        except RemoteError as e:
+            host = target.connect(lab.connect, Deadline.after(host_cfg.ssh.connect_timeout + 5))
+        except InfraError as e:  # unreachable, or a box not brought back (one needing a human: RunAborted)
             return [Outcome(OutcomeKind.INFRA_ERROR, f"cannot reach the host: {e}")]
         stack.callback(_cleanup, lab, target, host, step_dir, timed)
         try:
@@ -364,7 +365,9 @@ def _cleanup(lab: Lab, target, host: Remote, step_dir: Path, timed) -> None:
             host.close()
 
     with timed("cleanup"):
-        if lab.background_cleanup and not lab.lease_lost:
+        # not for a target that reboots the host itself (a box): the next step reaches it only
+        # once it is back on its default kernel
+        if lab.background_cleanup and not lab.lease_lost and not getattr(target, "reboots_host", False):
             fetch()
             lab.pending = Pending(stop_and_close, "stopping the VM")
             return

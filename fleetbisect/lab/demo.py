@@ -85,6 +85,12 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
         from . import realkernel
 
         return realkernel.demo(base, ui, ahead=ahead)
+    if target == "baremetal":  # the box's own kernel is bisected: no VM host
+        if hosts > 1 or image:
+            raise UserError("--target baremetal bisects one box's own kernel (no --hosts or --image with it)")
+        from .boxdemo import box_demo
+
+        return box_demo(base, ui, commits=commits, seed=seed, scenario=scenario)
     base = base.resolve()
     if (base / "linux").exists() or (base / "run").exists():
         raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")

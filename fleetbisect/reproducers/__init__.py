@@ -54,7 +54,8 @@ def guest_lost(ctx: ReproContext, what: str, kind: OutcomeKind, details: dict) -
     """The guest stopped answering: the kernel's fault only if the host is fine and the host
     connection held the whole time (with `via: host` the guest session rides it)."""
     evidence = (ctx.log_name,)
-    if not host_alive(ctx.host):
+    link_alive = getattr(ctx.target, "link_alive", None)  # a box: its BMC, since it is the host
+    if not (link_alive(ctx.host) if link_alive else host_alive(ctx.host)):
         return Outcome(OutcomeKind.INFRA_ERROR, f"host stopped answering too ({what})", details, evidence)
     now = host_generation(ctx.host)
     if ctx.host_generation is not None and now is not None and now != ctx.host_generation:

@@ -6,11 +6,12 @@ class for a kind, naming the valid kinds when the name is wrong."""
 from __future__ import annotations
 
 from ..errors import UserError
+from .baremetal import Baremetal
 from .base import Check, Target, TargetStartFailed
 from .libvirt import Libvirt
 from .qemu import Qemu
 
-KINDS: dict[str, type[Target]] = {cls.kind: cls for cls in (Qemu, Libvirt)}
+KINDS: dict[str, type[Target]] = {cls.kind: cls for cls in (Qemu, Libvirt, Baremetal)}
 
 
 def config_models() -> tuple[type, ...]:

@@ -48,6 +48,8 @@ class Check:
 
 class Target(ABC):
     kind: ClassVar[str]
+    reboots_host: ClassVar[bool] = False  # the host itself reboots each step (its lease reconnects)
+    min_free_mb: ClassVar[int | None] = None  # room the work dir needs (None: check's default)
 
     def __init__(self, host_cfg, playbook):
         self.host_cfg = host_cfg
@@ -65,6 +67,21 @@ class Target(ABC):
         return ""
 
     # --- per step -------------------------------------------------------------------------
+
+    def connect(self, connect, deadline: Deadline) -> Remote:
+        """The host's SSH session: `connect(host_cfg, deadline)`. A kind whose host may be down
+        when a step begins (a bare-metal box that did not come back) brings it back first."""
+        return connect(self.host_cfg, deadline)
+
+    def link_alive(self, host: Remote) -> bool:
+        """Is the way to the machine fine, so that a guest that stopped answering is its kernel's
+        doing? By default the host's own connection answers."""
+        from ..reproducers import host_alive
+
+        return host_alive(host)
+
+    def expect(self, release: str | None) -> None:
+        """The release the step's build stamped (a box installs the kernel under it)."""
 
     @abstractmethod
     def stop(self, host: Remote, deadline: Deadline) -> str:
