@@ -75,25 +75,33 @@ def cache_root() -> Path:
     return Path(base) / "fleetbisect" / "lab"
 
 
+def build_once(root: Path, final: Path, make) -> None:
+    """Make `final` (a directory under the cache `root`) once: `make(tmp)` fills a temporary
+    directory that becomes `final` only when complete, under a lock, so concurrent labs
+    build it once and a killed one leaves nothing half made."""
+    if (final / "complete").exists():
+        return
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same thing
+        if (final / "complete").exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+        try:
+            make(tmp)
+            (tmp / "complete").write_text("")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_assets(cache_dir: Path | None = None) -> LabAssets:
     root = Path(cache_dir) if cache_dir else cache_root()
     root.mkdir(parents=True, exist_ok=True)
     package, version = _kernel_package(root)
     final = root / f"{RECIPE}-{package}_{version}"
-    if (final / "complete").exists():
-        return _load(final)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same thing
-        if not (final / "complete").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-            try:
-                _build(tmp, package, version)
-                (tmp / "complete").write_text("")
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    build_once(root, final, lambda tmp: _build(tmp, package, version))
     return _load(final)
 
 

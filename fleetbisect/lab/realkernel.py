@@ -21,11 +21,9 @@ place, under a lock (as lab/image.py does).
 
 from __future__ import annotations
 
-import fcntl
 import shlex
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import yaml
 
 from ..errors import InfraError
 from .cpio import CpioWriter
-from .image import LabAssets, cache_root
+from .image import LabAssets, build_once, cache_root
 from .kernelrepo import _Git
 
 RECIPE = "realkernel-v1"
@@ -74,19 +72,7 @@ def ensure_real_repo(cache_dir: Path | None = None) -> RealRepo:
     if not SOURCE.is_file():
         raise InfraError(f"the real-kernel lab needs {SOURCE}: apt-get install {PACKAGE} (.ci/setup does)")
     final = root / f"{RECIPE}-{_package_version()}"
-    if not (final / "complete").exists():
-        with open(root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (final / "complete").exists():
-                tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-                try:
-                    _make(tmp)
-                    (tmp / "complete").write_text("")
-                    if final.exists():
-                        shutil.rmtree(final)
-                    tmp.rename(final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+    build_once(root, final, _make)
     return _load(final)
 
 

@@ -27,6 +27,25 @@ def left(deadline: Deadline, floor: float = 0.001) -> float:
     return max(floor, deadline.remaining())
 
 
+def send_chunks(chan, source, size: int, deadline: Deadline, chunk: int = 1 << 20):
+    """Write `size` bytes of `source` into the channel `chan` under `deadline`, yielding the
+    bytes sent so far after each chunk (for progress). A source shorter than `size` is a
+    ValueError, a channel that takes nothing more an EOFError, the deadline a TimeoutError."""
+    done = 0
+    while done < size:
+        data = memoryview(source.read(min(chunk, size - done)))
+        if not data:
+            raise ValueError(f"source ended after {done} of {size} bytes")
+        while data:
+            chan.settimeout(left(deadline))
+            n = chan.send(data)
+            if n <= 0:
+                raise EOFError("channel closed")
+            data = data[n:]
+            done += n
+        yield done
+
+
 def short(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]

@@ -18,7 +18,7 @@ import paramiko
 
 from ..deadline import Deadline
 from .base import Progress, RemoteError, TransferStats, TransferTimedOut, bounded
-from .connect import left as _left, short as _short
+from .connect import left as _left, send_chunks, short as _short
 
 CHUNK = 1 << 20  # bytes read from the source per channel write
 
@@ -60,17 +60,7 @@ def put(transport: paramiko.Transport, name: str, source: BinaryIO, size: int, r
         base = posixpath.basename(remote_path).replace("\n", "_") or "file"
         chan.sendall(f"C0644 {size} {base}\n".encode())
         _answer(chan, deadline)
-        while done < size:
-            data = memoryview(source.read(min(CHUNK, size - done)))
-            if not data:
-                raise RemoteError(name, f"source ended after {done} of {size} bytes")
-            while data:
-                chan.settimeout(_left(deadline))
-                n = chan.send(data)
-                if n <= 0:
-                    raise EOFError("channel closed")
-                data = data[n:]
-                done += n
+        for done in send_chunks(chan, source, size, deadline, CHUNK):
             if progress:
                 progress(done)
         chan.sendall(b"\0")
@@ -78,6 +68,8 @@ def put(transport: paramiko.Transport, name: str, source: BinaryIO, size: int, r
         chan.shutdown_write()
     except TimeoutError:
         raise TransferTimedOut(name, remote_path, deadline.seconds, done) from None
+    except ValueError as e:  # the source was shorter than it said
+        raise RemoteError(name, str(e)) from None
     except _SinkSaid as e:
         raise RemoteError(name, f"upload to {remote_path} failed: {e}") from None
     except (paramiko.SSHException, EOFError, OSError) as e:

@@ -52,7 +52,7 @@ from .base import (
     bounded,
     command_string,
 )
-from .connect import close_all, left as _left, open_chain, short as _short
+from .connect import close_all, left as _left, open_chain, send_chunks, short as _short
 from .endpoint import Endpoint, resolve
 from .local import OutputTail, heard_tails
 
@@ -393,17 +393,7 @@ class SSHRemote:
         try:
             chan.settimeout(_left(deadline))
             chan.exec_command(script)
-            while done < size:
-                data = memoryview(source.read(min(WRITE_CHUNK, size - done)))
-                if not data:
-                    raise ValueError(f"source ended after {done} of {size} bytes")
-                while data:
-                    chan.settimeout(_left(deadline))
-                    n = chan.send(data)
-                    if n <= 0:
-                        raise EOFError("channel closed")
-                    data = data[n:]
-                    done += n
+            for done in send_chunks(chan, source, size, deadline, WRITE_CHUNK):
                 if progress:
                     progress(done)
             chan.shutdown_write()
