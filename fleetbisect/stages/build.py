@@ -6,7 +6,6 @@ the commit id reaches it only through the environment (LOCALVERSION), never past
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -19,7 +18,7 @@ from .. import masking
 from ..masking import open_masked
 from ..search.gitbisect import git
 from ..verdict import OutcomeKind
-from .buildcache import BuildCache
+from .buildcache import BuildCache, sha256_file  # noqa: F401 - sha256_file: the stages' digest
 from . import distcc
 
 
@@ -226,10 +225,3 @@ def _disk_full(log_path: Path) -> bool:
         tail = f.read()
     return b"No space left on device" in tail or b"Disk quota exceeded" in tail
 
-
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()

@@ -31,6 +31,14 @@ from pathlib import Path
 from ..search.gitbisect import git
 
 
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cache_dir(default: Path) -> Path:
     return Path(os.environ.get("FLEETBISECT_BUILD_CACHE") or default)
 
@@ -84,7 +92,7 @@ class BuildCache:
         tmp = Path(tempfile.mkdtemp(prefix=".put-", dir=d.parent))
         try:
             for name, path in artifacts.items():
-                shutil.copyfile(path, tmp / name)
+                os.link(self._blob(path), tmp / name)
             (tmp / "meta.json").write_text(json.dumps({"commit": commit, "release": release,
                                                         "artifacts": sorted(artifacts)}) + "\n")
             try:
@@ -93,6 +101,23 @@ class BuildCache:
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _blob(self, path: Path) -> Path:
+        """`path`'s content in the cache, stored once however many entries hold it (a lab kernel
+        or an unchanged module is the same bytes at many commits): entries hard-link to it."""
+        blobs = self.root / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        blob = blobs / sha256_file(path)
+        if not blob.exists():
+            fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=blobs)
+            os.close(fd)
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, blob)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return blob
 
     def same_image(self, sha256: str, commit: str) -> str | None:
         """The commit a byte-identical image was first built for, if another; else None (and

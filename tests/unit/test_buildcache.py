@@ -211,3 +211,23 @@ def test_build_ahead_stops_a_build_no_longer_wanted(tmp_path):
         gate.write_text("")
         ahead.close()
     assert ledger(tmp_path) == ["olddefconfig from # the playbook's config"]
+
+
+def test_the_same_artifact_at_two_commits_is_stored_once(tmp_path):
+    """A lab kernel (or an unchanged module) is the same bytes at many commits: the cache holds
+    it once and each entry links to it, so a run's cache does not fill the disk copy by copy."""
+    from fleetbisect.stages.buildcache import BuildCache
+
+    cache = BuildCache(tmp_path / "cache")
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"\x7fkernel" * 1000)
+    for i, commit in enumerate(("a" * 40, "b" * 40)):
+        initrd = tmp_path / f"initrd{i}"
+        initrd.write_bytes(f"initrd of {commit}".encode())
+        cache.put(f"key{i}", commit, "6.1.0", {"kernel": kernel, "initrd": initrd})
+    one, two = cache.get("key0"), cache.get("key1")
+    assert one.commit == "a" * 40 and two.commit == "b" * 40
+    assert one.artifacts["kernel"].read_bytes() == kernel.read_bytes()
+    assert one.artifacts["kernel"].stat().st_ino == two.artifacts["kernel"].stat().st_ino
+    assert one.artifacts["initrd"].stat().st_ino != two.artifacts["initrd"].stat().st_ino
+    assert two.artifacts["initrd"].read_bytes() == b"initrd of " + b"b" * 40
