@@ -38,6 +38,14 @@ include/config/kernel.release: FORCE
 """
 
 
+@pytest.fixture(autouse=True)
+def own_ccache(tmp_path, monkeypatch):
+    """A ccache of each test's own: the build stage puts ccache in front of the compiler when it
+    is installed, and a compile ccache already saw (an earlier test's) never reaches the daemon,
+    whose counter is what these tests read."""
+    monkeypatch.setenv("CCACHE_DIR", str(tmp_path / "ccache"))
+
+
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory):
     """A small C project in git: SOURCES files compiled with `gcc`, linked into out/kernel."""
