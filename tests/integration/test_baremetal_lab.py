@@ -104,6 +104,7 @@ def test_a_wrong_bmc_password_is_a_clear_error_at_check(bmlab, assets, tmp_path,
     assert "not-the-" + PASSWORD not in out.out + out.err  # never shown
 
 
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 @pytest.mark.timeout(2400)  # ~6 steps of 1-2 min under TCG: each installs, boots and recovers a box
 def test_bisect_of_the_box_kernel_finds_the_culprit_and_ends_on_the_known_good_kernel(
         bmlab, assets, box_repo, tmp_path):
@@ -127,6 +128,7 @@ def test_bisect_of_the_box_kernel_finds_the_culprit_and_ends_on_the_known_good_k
     assert box_runs(host_cfg) == bmlab["box"].default_release
 
 
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 @pytest.mark.timeout(1200)
 def test_a_candidate_that_hangs_at_boot_is_power_cycled_and_the_next_step_goes_on(
         bmlab, assets, tmp_path):

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 FB = [sys.executable, "-m", "fleetbisect"]
 
 
@@ -17,6 +19,7 @@ def seeded(tmp_path) -> str:
                           check=True).stdout.split()[0]
 
 
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 def test_demo_three_hosts_find_the_seeded_culprit(assets, tmp_path):
     p = subprocess.run([*FB, "demo", "--hosts", "3", "--commits", "16", "--seed", "5", "--dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=1200)
@@ -35,6 +38,7 @@ def test_demo_three_hosts_find_the_seeded_culprit(assets, tmp_path):
         assert f"  {host}: " in status.stdout, status.stdout
 
 
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 def test_demo_flaky_finds_the_seeded_culprit_with_its_confidence(assets, tmp_path):
     p = subprocess.run([*FB, "demo", "--scenario", "flaky", "--hosts", "2", "--commits", "10", "--seed", "3",
                         "--dir", str(tmp_path)], capture_output=True, text=True, timeout=2400)

@@ -227,6 +227,7 @@ def test_check_probes_the_build_host(inventory_file, lab_host, forge, playbook_v
     assert probes["build host work dir"]["ok"] and probes["build host disk"]["ok"]
 
 
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 def test_a_bisect_whose_builds_run_on_the_build_host_finds_the_culprit(
         lab_repo, inventory_file, lab_host, forge, playbook_variant, tmp_path):
     inv = with_build_host(inventory_file, forge, tmp_path / "inv", lab_host.name)

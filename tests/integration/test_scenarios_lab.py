@@ -20,6 +20,7 @@ SCENARIOS = {
 }
 
 
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_demo_scenario_finds_its_seeded_culprit(scenario, assets, tmp_path):
     p = subprocess.run([*FB, "demo", "--scenario", scenario, "--commits", "16", "--seed", "5",
