@@ -53,8 +53,7 @@ def test_demo_real_kernel_finds_the_c_culprit(assets, tmp_path):
     confirm = next(s for s in steps if s["role"] == "confirm-culprit")
     assert confirm["build"].get("cached_from") == repo.culprit, confirm["build"]
     assert any(s["build"].get("ccache", {}).get("hits", 0) > 0 for s in steps), [s["build"] for s in steps]
-    first = steps[0]["durations"]["build"]
-    assert any(s["durations"]["build"] < first for s in steps[1:]), "later builds are incremental"
+    # how much cheaper a later build is, is bench/buildahead.py's to measure, not a clock here
     ahead = list((tmp_path / "run" / "ahead" / "logs").glob("*.log"))
     assert ahead, "nothing was built ahead"
     assert subprocess.run(["git", "-C", str(tmp_path / "linux"), "worktree", "list", "--porcelain"],
