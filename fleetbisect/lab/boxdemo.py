@@ -10,7 +10,6 @@ box must be back on its known-good kernel, asked of the box itself.
 from __future__ import annotations
 
 import os
-import random
 import secrets
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..report import answer_line
 from ..run import start_run
 from ..ui import UI
 from .box import PASSWORD_ENV, LabBox, box_inventory, box_repo_assets, start_bmc
+from .demo import fresh_demo
 
 STAGES = ("build", "push", "boot", "ready", "reproduce", "cleanup")
 
@@ -46,10 +46,7 @@ def box_demo(base: Path, ui: UI, *, commits: int, seed: int | None, scenario: st
 
     if scenario != "net-hang":
         raise UserError("the bare-metal demo bisects the net-hang scenario (its reproducer runs on the box)")
-    base = base.resolve()
-    if (base / "linux").exists() or (base / "run").exists():
-        raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")
-    seed = seed if seed is not None else random.randrange(1 << 30)
+    base, seed = fresh_demo(base, seed)
     ui.step("lab: preparing the box's kernel and initramfs (cached after the first time)")
     assets = ensure_assets()
     ui.step(f"lab: generating a kernel repo of {commits} commits (scenario {scenario}, seed {seed})")

@@ -66,6 +66,14 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", targe
     return path
 
 
+def fresh_demo(base: Path, seed: int | None) -> tuple[Path, int]:
+    """A demo's directory (refused when it already holds a demo) and its repo's seed."""
+    base = base.resolve()
+    if (base / "linux").exists() or (base / "run").exists():
+        raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")
+    return base, seed if seed is not None else random.randrange(1 << 30)
+
+
 def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang",
          target: str = "qemu", image: bool = False, hosts: int = 1, real_kernel: bool = False,
          ahead: int = 0) -> int:
@@ -91,10 +99,7 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
         from .boxdemo import box_demo
 
         return box_demo(base, ui, commits=commits, seed=seed, scenario=scenario)
-    base = base.resolve()
-    if (base / "linux").exists() or (base / "run").exists():
-        raise UserError(f"{base} already holds a demo: pass a new --dir (or none for a fresh one)")
-    seed = seed if seed is not None else random.randrange(1 << 30)
+    base, seed = fresh_demo(base, seed)
     ui.step("lab: preparing the guest kernel and initramfs (cached after the first time)")
     assets = ensure_assets()
     ui.step(f"lab: generating a kernel repo of {commits} commits (scenario {scenario}, seed {seed})")
