@@ -102,17 +102,19 @@ class Lab:
     background_cleanup: bool = False
     pending: Pending | None = field(default=None, repr=False)
 
-    def settle(self) -> None:
+    def settle(self) -> bool:
         """Wait for the previous attempt's VM to be stopped (before the next boot on this host,
-        before the lease is given back, when the run ends); what went wrong is a warning."""
+        before the lease is given back, when the run ends); what went wrong is a warning.
+        True when a previous attempt's stop finished cleanly: nothing of ours runs there now."""
         pending, self.pending = self.pending, None
         if pending is None:
-            return
+            return False
         error, waited = pending.wait()
         if error:
             self.ui.warn(f"could not clean up after the previous step: {error}")
         elif waited > 0.05:
             self.ui.detail(f"waited {waited:.2f}s for the previous VM to stop")
+        return error is None
 
     def check_lease(self) -> None:
         """Raise LeaseLost when the host's lease was lost: the VM may be someone else's now."""
@@ -248,11 +250,12 @@ def _attempt(lab: Lab, built: BuildResult, step_dir: Path, timed, pushed: dict[s
             lab.ui.detail(f"pushed {sum(result.uploaded.values())} bytes ({', '.join(result.uploaded) or 'nothing changed'})")
             with timed("boot"):
                 # the previous attempt's VM (stopping in the background while this one built and
-                # pushed), then any VM left on the host (a dead controller's)
-                lab.settle()
-                stopped = target.stop(host, Deadline.after(60))
-                if stopped:
-                    lab.ui.detail(f"previous VM: {stopped}")
+                # pushed); without one that stopped cleanly, any VM left on the host (a dead
+                # controller's: the lease is ours, so nobody else started one since)
+                if not lab.settle():
+                    stopped = target.stop(host, Deadline.after(60))
+                    if stopped:
+                        lab.ui.detail(f"previous VM: {stopped}")
                 target.deploy(host, result.remote_paths, step_dir, Deadline.after(playbook.push_timeout))
                 try:
                     target.start(host, result.remote_paths, step_dir, Deadline.after(60))

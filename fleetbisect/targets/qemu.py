@@ -22,7 +22,7 @@ from ..remote.agent import AgentRemote, StreamTransport, relay_opener
 from ..remote.base import Remote, RemoteCommandFailed
 from ..stages.image import deploy_image, probes as image_probes
 from . import virtiofs
-from .base import Check, Target, TargetStartFailed
+from .base import SH_RUNNING, Check, Target, TargetStartFailed
 from .passthrough import Passthrough, vfio_args
 
 
@@ -124,7 +124,7 @@ def _drive_path(path: str) -> str:
 
 
 # Stop the VM named by our pidfile, only if that PID is still a QEMU using that very pidfile.
-_STOP = r"""
+_STOP = SH_RUNNING + r"""
 pidfile=$1; wait_s=$2
 [ -f "$pidfile" ] || exit 0
 pid=$(cat "$pidfile" 2>/dev/null) || exit 0
@@ -134,8 +134,8 @@ if ! tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pidfile"; th
 fi
 kill -TERM "$pid" 2>/dev/null
 i=0
-while kill -0 "$pid" 2>/dev/null && [ "$i" -lt "$wait_s" ]; do sleep 0.1; i=$((i+1)); done
-kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+while running "$pid" && [ "$i" -lt "$wait_s" ]; do sleep 0.02; i=$((i+1)); done
+running "$pid" && kill -KILL "$pid" 2>/dev/null
 rm -f "$pidfile"
 echo "stopped $pid"
 """
@@ -144,7 +144,7 @@ echo "stopped $pid"
 def stop_vm(host: Remote, paths: VMPaths, deadline: Deadline) -> str:
     """Stop the VM this tool started (if any). Returns what was done, for the log."""
     res = host.run(
-        ["sh", "-c", _STOP, "sh", paths.pidfile, "50"], deadline=deadline.sub(30), check=True
+        ["sh", "-c", _STOP, "sh", paths.pidfile, "250"], deadline=deadline.sub(30), check=True
     )
     return res.stdout.strip()
 
@@ -158,7 +158,7 @@ def start_vm(host: Remote, argv: list[str], paths: VMPaths, deadline: Deadline):
 
 
 def vm_alive(host: Remote, paths: VMPaths, deadline: Deadline) -> bool:
-    check = 'p=$(cat "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null'
+    check = SH_RUNNING + 'p=$(cat "$1" 2>/dev/null) && running "$p"'
     return host.run(["sh", "-c", check, "sh", paths.pidfile], deadline=deadline.sub(15)).ok
 
 
@@ -176,8 +176,8 @@ class QemuConfig(TargetConfig):
 
 
 # Wait on the host, in one round trip, for QEMU to exit (its pidfile names it) or $2 seconds.
-_WAIT_EXIT = 'p=$(cat "$1" 2>/dev/null) || exit 0; end=$(( $(date +%s) + $2 )); ' \
-             'while kill -0 "$p" 2>/dev/null; do [ "$(date +%s)" -ge "$end" ] && exit 1; sleep 0.2; done; exit 0'
+_WAIT_EXIT = SH_RUNNING + 'p=$(cat "$1" 2>/dev/null) || exit 0; end=$(( $(date +%s) + $2 )); ' \
+             'while running "$p"; do [ "$(date +%s)" -ge "$end" ] && exit 1; sleep 0.2; done; exit 0'
 
 
 AGENT_ATTEMPT = 2.0  # seconds one readiness attempt waits for the agent's answer

@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from ..config.target import Virtiofs
 from ..deadline import Deadline
 from ..remote.base import Remote
-from .base import Check, TargetStartFailed
+from .base import SH_RUNNING, Check, TargetStartFailed
 
 
 def socket_path(vm_dir: str) -> str:
@@ -65,21 +65,21 @@ def memory_backing_xml() -> ET.Element:
 
 
 # Start virtiofsd in the background, its PID in our pidfile, and wait (bounded) for its socket.
-_START = r"""
+_START = SH_RUNNING + r"""
 pidfile=$1; sock=$2; log=$3; tries=$4; shift 4
 mkdir -p "${pidfile%/*}" && rm -f "$sock" || exit 1
 setsid "$@" </dev/null >"$log" 2>&1 &
 echo $! > "$pidfile"
 i=0
 while [ ! -S "$sock" ]; do
-  kill -0 "$(cat "$pidfile")" 2>/dev/null || { echo "virtiofsd exited:" >&2; tail -n 5 "$log" >&2; exit 1; }
+  running "$(cat "$pidfile")" || { echo "virtiofsd exited:" >&2; tail -n 5 "$log" >&2; exit 1; }
   [ "$i" -ge "$tries" ] && { echo "virtiofsd made no socket at $sock" >&2; exit 1; }
   i=$((i+1)); sleep 0.1
 done
 """
 
 # Stop the virtiofsd our pidfile names, only if that PID still serves our socket.
-_STOP = r"""
+_STOP = SH_RUNNING + r"""
 pidfile=$1; sock=$2
 [ -f "$pidfile" ] || exit 0
 pid=$(cat "$pidfile" 2>/dev/null)
@@ -87,8 +87,8 @@ case "$pid" in ''|*[!0-9]*) rm -f "$pidfile"; exit 0;; esac
 if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$sock"; then
   kill -TERM "$pid" 2>/dev/null
   i=0
-  while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  while running "$pid" && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  running "$pid" && kill -KILL "$pid" 2>/dev/null
   echo "stopped virtiofsd $pid"
 fi
 rm -f "$pidfile" "$sock"

@@ -178,7 +178,8 @@ class SlowStopTarget(FakeTarget):
 
     def stop(self, host, deadline):
         self.log.append("stop begins")
-        self.release.wait(30)
+        if "start" in self.log:  # a VM runs: its stop takes until the test lets it go
+            self.release.wait(30)
         self.log.append("stop ends")
         return ""
 
@@ -201,19 +202,19 @@ def test_background_cleanup_stops_the_vm_while_the_run_goes_on_and_before_the_ne
 
     lab = Lab(path, host_cfg, playbook, UI(quiet=True), background_cleanup=True, connect=connect,
               make_target=lambda cfg, pb: SlowStopTarget(cfg, pb, guest=guest_for(f"6.1.0-fb{sha[:12]}")))
-    SlowStopTarget.release.set()  # the first boot's stop of a leftover VM: nothing to wait for
     rec = run_step(lab, 1, sha, "one", tmp_path / "run" / "steps" / "001")
     assert rec.verdict is Verdict.GOOD, rec.reason
-    # the step was judged (its console fetched) with the VM's stop handed to the background
+    # the step was judged (its console fetched) with the VM's stop handed to the background,
+    # where it still waits
     assert (tmp_path / "run" / "steps" / "001" / "console.log").exists()
-    assert lab.pending is not None
-    SlowStopTarget.release.clear()
-    SlowStopTarget.log.clear()
+    assert lab.pending is not None and not lab.pending.done
+    assert SlowStopTarget.log == ["stop begins", "stop ends", "start", "stop begins"]
     threading.Timer(0.2, SlowStopTarget.release.set).start()  # the stop finishes later
     rec2 = run_step(lab, 2, sha, "one", tmp_path / "run" / "steps" / "002")
     assert rec2.verdict is Verdict.GOOD
-    # the next boot waited for the previous VM's stop to finish, and only then started one
-    assert SlowStopTarget.log.index("stop ends") < SlowStopTarget.log.index("start")
+    # the next boot waited for the previous VM's stop to finish, and only then started one;
+    # that clean stop is why the boot did not look for a leftover VM again
+    assert SlowStopTarget.log[3:6] == ["stop begins", "stop ends", "start"]
     assert hosts[0].closed  # the first attempt's connection was closed by the background stop
     lab.settle()
     assert lab.pending is None and hosts[1].closed
@@ -228,7 +229,7 @@ def test_a_failed_background_stop_is_a_warning_at_settle(tree, configs, tmp_path
 
         def stop(self, host, deadline):
             Failing.stops += 1
-            if Failing.stops > 1:
+            if Failing.stops == 2:  # the first step's background stop
                 raise OSError("host went away")
             return ""
 
@@ -239,5 +240,9 @@ def test_a_failed_background_stop_is_a_warning_at_settle(tree, configs, tmp_path
               connect=lambda cfg, deadline: FakeRemote("host"),
               make_target=lambda cfg, pb: Failing(cfg, pb, guest=guest_for(f"6.1.0-fb{sha[:12]}")))
     assert run_step(lab, 1, sha, "one", tmp_path / "s").verdict is Verdict.GOOD
-    lab.settle()
+    assert run_step(lab, 2, sha, "one", tmp_path / "s2").verdict is Verdict.GOOD
     assert any("host went away" in w for w in warnings), warnings
+    lab.settle()
+    # that stop failed, so the next boot looked for a VM left running before starting its own:
+    # 4 stops = step 1's boot and background, step 2's boot and background
+    assert Failing.stops == 4
