@@ -29,12 +29,13 @@ from typing import ClassVar, Mapping
 
 from ..deadline import Deadline
 
+from ..errors import InfraError
+from ..remote.base import Remote, SSHParams
+
 # `running PID` in a host's sh: the process exists and has not exited. A process that exited
 # stays a zombie until its parent (init, for a daemonized QEMU) reaps it, which some inits do
 # only every few seconds: `kill -0` would call it running for that long.
 SH_RUNNING = 'running() { [ -e "/proc/$1" ] && ! grep -qs "^State:[[:space:]]*Z" "/proc/$1/status"; }\n'
-from ..errors import InfraError
-from ..remote.base import Remote, SSHParams
 
 
 class TargetStartFailed(InfraError):
