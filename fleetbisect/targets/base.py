@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import ClassVar, Mapping
 
 from ..deadline import Deadline
-
 from ..errors import InfraError
 from ..remote.base import Remote, SSHParams
 
