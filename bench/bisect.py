@@ -13,7 +13,12 @@ one benchmark run, with the same work per step:
    lab playbook with the same reproducer (3 copies of --size, each under 20 s) plus
    `stall:`, endpoint checks and the culprit's confirmation ON (the defaults).
 
-Prints both wall times, steps and culprits, the ratio (target <= 0.7), and per-stage medians
+fleetbisect runs once per `--slots` value (default 1 and 2): with 1 the host runs one VM at a
+time, as the script does (git's bisect); with 2 the same host runs two VMs side by side
+(`slots: 2` in the inventory): the endpoint checks run together, the search tests two commits
+per round (kary), the confirmation's two retests run together.
+
+Prints every wall time, steps and culprits, the ratios (target <= 0.7), and per-stage medians
 over fleetbisect's steps from its report.json and journal, with the controller's own overhead
 per step: step wall minus build, launch-to-answer (ready) and the reproducer (target <= 0.5 s).
 Numbers under TCG on a machine shared with other work: the ratio is what compares.
@@ -106,9 +111,11 @@ def by_script(repo, assets, size: int, tmp: Path) -> dict:
     return {"wall": wall, "steps": len((bench / "steps").read_text().split()), "culprit": culprit}
 
 
-def by_fleetbisect(repo, assets, size: int, stall: float, tmp: Path) -> dict:
+def by_fleetbisect(repo, assets, size: int, stall: float, tmp: Path, slots: int = 1) -> dict:
+    tmp = tmp / f"fb-slots-{slots}"
+    tmp.mkdir(parents=True)
     with LabHost.start(tmp / "host", name="bench-host") as lab:
-        inv = write_lab_inventory(tmp / "inv.yaml", [lab], assets)
+        inv = write_lab_inventory(tmp / "inv.yaml", [lab], assets, slots=slots)
         data = yaml.safe_load(lab_playbook().read_text())
         data["reproducer"].update({"size": size, "iterations": 3, "timeout": "20s", "stall": f"{stall}s"})
         playbook = tmp / "playbook.yaml"
@@ -128,6 +135,8 @@ def by_fleetbisect(repo, assets, size: int, stall: float, tmp: Path) -> dict:
     walls = {e["record"]["index"]: e["time"] - began[e["record"]["index"]]
              for e in events if e["event"] == "step-finished" and e["record"]["index"] in began}
     return {"wall": wall, "steps": len(report["steps"]), "culprit": report["culprit"], "status": report["status"],
+            "search": next((e["config"].get("search", "bisect") for e in events if e["event"] == "run-started"),
+                           "?"),
             "report": report, "step_walls": walls, "cmd": shlex.join(argv)}
 
 
@@ -160,6 +169,8 @@ def main() -> int:
     ap.add_argument("--size", default="16M")
     ap.add_argument("--stall", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--slots", type=int, nargs="+", default=[1, 2],
+                    help="fleetbisect runs, one per value: VMs the one host runs at once (default: 1 2)")
     args = ap.parse_args()
     from fleetbisect.config.loader import parse_bytes
 
@@ -173,16 +184,22 @@ def main() -> int:
         repo = generate_repo(tmp / "linux", assets, commits=args.commits, seed=args.seed, culprit=culprit,
                              build_fails=list(range(culprit // 2, culprit // 2 + 3)), no_ssh=[])
         script = by_script(repo, assets, size, tmp)
-        fb = by_fleetbisect(repo, assets, size, args.stall, tmp)
+        fbs = {n: by_fleetbisect(repo, assets, size, args.stall, tmp, n) for n in args.slots}
     print(f"lab repo: {args.commits} commits, culprit {repo.culprit[:12]}, 3 x {args.size} per step, "
           f"scp timeout 20 s, stall {args.stall:g} s (machine shared with other work)")
-    print(f"{'':<24}{'wall s':>9}{'steps':>7}  culprit")
-    print(f"{'git bisect run script':<24}{script['wall']:>9.1f}{script['steps']:>7}  {(script['culprit'] or '-')[:12]}")
-    print(f"{'fleetbisect run':<24}{fb['wall']:>9.1f}{fb['steps']:>7}  {(fb['culprit'] or '-')[:12]} "
-          f"({fb['status']}; endpoint checks and confirmation on)")
-    print(f"ratio fleetbisect/script: {fb['wall'] / script['wall']:.2f} (target <= 0.7)")
-    print("\n".join(stage_table(fb)))
-    return 0 if script["culprit"] == repo.culprit == fb["culprit"] else 1
+    print(f"{'':<30}{'wall s':>9}{'steps':>7}  culprit")
+    print(f"{'git bisect run script':<30}{script['wall']:>9.1f}{script['steps']:>7}  {(script['culprit'] or '-')[:12]}")
+    for n, fb in fbs.items():
+        label = "fleetbisect run" + (f", {n} slots" if n > 1 else "")
+        print(f"{label:<30}{fb['wall']:>9.1f}{fb['steps']:>7}  {(fb['culprit'] or '-')[:12]} "
+              f"({fb['status']}, {fb['search']}; endpoint checks and confirmation on)")
+    for n, fb in fbs.items():
+        print(f"ratio fleetbisect/script, {n} slot(s): {fb['wall'] / script['wall']:.2f} (target <= 0.7)")
+    for n, fb in fbs.items():
+        print(f"\nfleetbisect, {n} slot(s):")
+        print("\n".join(stage_table(fb)))
+    found = all(fb["culprit"] == repo.culprit for fb in fbs.values())
+    return 0 if script["culprit"] == repo.culprit and found else 1
 
 
 if __name__ == "__main__":

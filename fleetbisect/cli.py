@@ -119,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
                    "the VM's disk, as a NixOS image build does")
     p.add_argument("--real-kernel", action="store_true",
                    help="bisect a real kernel built from Debian's linux-source-6.1 (the first build takes minutes)")
+    p.add_argument("--slots", type=int, default=1, choices=range(1, 5), metavar="N",
+                   help="VMs each lab host runs at once (inventory `slots:`), testing that many commits "
+                        "side by side (default 1)")
     p.add_argument("--build-ahead", type=int, default=0, metavar="N",
                    help="with --real-kernel: commits built ahead while a host tests (default 0: none)")
 
@@ -217,7 +220,8 @@ def _load(args):
         raise ConfigError(problems)
     if hasattr(args, "hosts"):  # `run`: every --host and every host of each --group, in order
         hosts = [inventory.host(h) for h in args.hosts] + [h for g in args.group for h in inventory.group(g)]
-        hosts = list({h.name: h for h in hosts}.values())
+        # a host with `slots: N` runs N steps at once: N hosts to the run (NAME, NAME#2, ...)
+        hosts = list({slot.name: slot for h in hosts for slot in h.slot_hosts()}.values())
         if not hosts:
             raise UserError("name the host(s) to run on: --host NAME (repeatable) or --group NAME")
         return hosts, playbook
@@ -304,7 +308,7 @@ def cmd_demo(args, ui: UI) -> int:
     base = args.dir or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     with ui.live():
         return demo(base, ui, commits=args.commits, seed=args.seed, scenario=args.scenario, target=args.target,
-                    image=args.image, hosts=args.hosts, real_kernel=args.real_kernel, ahead=args.build_ahead)
+                    image=args.image, hosts=args.hosts, slots=args.slots, real_kernel=args.real_kernel, ahead=args.build_ahead)
 
 
 def cmd_report(args, ui: UI) -> int:

@@ -104,12 +104,17 @@ class Executor:
         try:
             with self._leased(self.host, self.run_id, self.playbook.policy.retries, self.ui, self.token) as keeper:
                 self._worktree()
-                self.lab = Lab(self.tree, self.host, self.playbook, self.ui, lease=keeper)
-                while True:
-                    task = self.inbox.get()
-                    if task is None:
-                        return
-                    self.results.put(self._run(task, keeper))
+                # a finished step's VM stops while the next one builds and pushes (cleanup.py)
+                self.lab = Lab(self.tree, self.host, self.playbook, self.ui, lease=keeper,
+                               background_cleanup=True)
+                try:
+                    while True:
+                        task = self.inbox.get()
+                        if task is None:
+                            return
+                        self.results.put(self._run(task, keeper))
+                finally:
+                    self.lab.settle()  # the last VM is stopped before the lease goes back
         except RunAborted as e:  # never reached: nothing was tested
             self.results.put(Done(self.name, self.current, error=str(e)))
         except BaseException as e:  # noqa: BLE001 - the controller decides; a bug is never a verdict

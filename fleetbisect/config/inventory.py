@@ -104,10 +104,17 @@ class BuildHost(Strict):
         return self.ssh.params(self.name)
 
 
+SLOT = "#"  # "prime-radiant#2": the second VM slot of prime-radiant (never in an inventory name)
+
+
 class Host(Strict):
     name: SkipJsonSchema[str] = ""  # filled in from the key
     ssh: SSH
     work_dir: str = "/var/tmp/fleetbisect"
+    # How many steps the host runs at once, each its own VM (kind: qemu): a run on it tests that
+    # many commits side by side, as a fleet of that many hosts would. Slot K > 1 lives in
+    # WORK_DIR/slot-K (its own lease, blobs and VM) and forwards the guest's port + K - 1.
+    slots: int = Int(1, 32, default=1)
     # Where this host's kernels are built: a `build_hosts` entry, or a host's own name (a box
     # that builds its own kernel). Default: on the controller.
     build_on: str | None = Field(None, pattern=NAME)
@@ -117,8 +124,39 @@ class Host(Strict):
 
     _work_dir = field_validator("work_dir")(_absolute)
 
+    @model_validator(mode="after")
+    def _slots_fit(self):
+        if self.slots == 1:
+            return self
+        if self.target.kind != "qemu":
+            raise ValueError(f"slots: {self.slots} needs target kind qemu (a {self.target.kind} target is "
+                             "one machine or one domain)")
+        port = self.target.guest.port
+        if port is not None and port + self.slots - 1 > 65535:
+            raise ValueError(f"slots: {self.slots} forwards guest ports {port}..{port + self.slots - 1}, "
+                             "past 65535")
+        return self
+
     def ssh_params(self) -> SSHParams:
         return self.ssh.params(self.name)
+
+    def slot(self, k: int) -> "Host":
+        """This host's VM slot `k` (1 is the host as written) as a host of its own."""
+        if not 1 <= k <= self.slots:
+            raise UserError(f"{self.name} has {self.slots} slot(s), not {k}")
+        if k == 1:
+            return self
+        guest = self.target.guest
+        if guest.port is not None:
+            guest = guest.model_copy(update={"port": guest.port + k - 1})
+        return self.model_copy(update={
+            "name": f"{self.name}{SLOT}{k}", "work_dir": f"{self.work_dir.rstrip('/')}/slot-{k}", "slots": 1,
+            "target": self.target.model_copy(update={"guest": guest}),
+        })
+
+    def slot_hosts(self) -> list["Host"]:
+        """Every VM slot of this host, each a host to run steps on."""
+        return [self.slot(k) for k in range(1, self.slots + 1)]
 
 
 class InventoryFile(Strict):
@@ -147,6 +185,12 @@ class Inventory:
             raise UserError(f"unknown group {name!r} (the inventory has: {known})") from None
 
     def host(self, name: str) -> Host:
+        """A host by name; `NAME#K` is its VM slot K (`slots:`), as a run's journal names it."""
+        base, sep, k = name.partition(SLOT)
+        if sep:
+            if not k.isdigit():
+                raise UserError(f"unknown host {name!r}: a slot is {base}{SLOT}<number>")
+            return self.host(base).slot(int(k))
         try:
             return self.hosts[name]
         except KeyError:

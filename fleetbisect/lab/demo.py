@@ -32,10 +32,11 @@ def lab_playbook(scenario: str = "net-hang") -> Path:
 
 
 def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", target: dict | None = None,
-                        guest_port: int | None = None) -> Path:
+                        guest_port: int | None = None, slots: int = 1) -> Path:
     """An inventory for lab hosts (LabHost objects): the same file a user would write. `target`
     replaces the QEMU target's own fields (e.g. {"kind": "libvirt", "domain": "fb-lab-1234"});
-    `guest_port` is the forwarded port, when a domain already forwards one."""
+    `guest_port` is the forwarded port, when a domain already forwards one; `slots`: VMs each
+    host runs at once."""
     entries = {}
     for host in hosts:
         kind = dict(target) if target else {"kind": "qemu", "accel": "tcg"}
@@ -49,11 +50,12 @@ def write_lab_inventory(path: Path, hosts, assets, *, via: str = "direct", targe
                 "connect_timeout": 10,
             },
             "work_dir": str(host.base_dir / "work"),
+            **({"slots": slots} if slots > 1 else {}),
             "target": {
                 **kind,
                 "guest": {
                     "address": "127.0.0.1",
-                    "port": guest_port or free_port(),
+                    "port": guest_port or free_port(slots),
                     "via": via,
                     "user": assets.guest_user,
                     "key": str(assets.guest_user_key),
@@ -76,17 +78,19 @@ def fresh_demo(base: Path, seed: int | None) -> tuple[Path, int]:
 
 def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, scenario: str = "net-hang",
          target: str = "qemu", image: bool = False, hosts: int = 1, real_kernel: bool = False,
-         ahead: int = 0) -> int:
+         ahead: int = 0, slots: int = 1) -> int:
     """`target`: "qemu" (a QEMU the host starts per step) or "libvirt" (a domain the lab's
     libvirtd already has, booted with each step's kernel and put back exactly as it was).
     `image`: each commit's guest is built as a qcow2 disk image that the host converts onto
     the VM's disk (the field case's NixOS image), beside the kernel it boots directly.
     `hosts`: that many VM hosts (each its own sshd and QEMU), bisecting together (kary search;
-    bayes for the flaky scenario)."""
+    bayes for the flaky scenario). `slots`: VMs each host runs at once (inventory `slots:`)."""
     from .image import ensure_assets
     from .kernelrepo import generate_repo
     from .vmhost import LabHost
 
+    if slots > 1 and (real_kernel or target != "qemu"):
+        raise UserError("--slots: several VMs per host are QEMUs the host starts (--target qemu)")
     if real_kernel:  # a real kernel built from Debian's linux-source (lab/realkernel.py)
         if hosts > 1 or target != "qemu" or image:
             raise UserError("--real-kernel runs on one QEMU host (no --hosts, --target or --image with it)")
@@ -118,12 +122,12 @@ def demo(base: Path, ui: UI, *, commits: int = 210, seed: int | None = None, sce
             inventory = write_lab_inventory(base / "inventory.yaml", [host], assets, **extra)
             before = domain.dumpxml()
         else:
-            inventory = write_lab_inventory(base / "inventory.yaml", fleet, assets)
+            inventory = write_lab_inventory(base / "inventory.yaml", fleet, assets, slots=slots)
         playbook_path = lab_playbook(scenario)
         if image:
             playbook_path = image_playbook(playbook_path, base / "playbook-image.yaml")
         loaded = load_inventory([inventory])
-        host_cfgs = [loaded.host(h.name) for h in fleet]
+        host_cfgs = [slot for h in fleet for slot in loaded.host(h.name).slot_hosts()]
         playbook = load_playbook(playbook_path)
         report = start_run(
             repo=repo.path, good=repo.good, bad=repo.bad, host=host_cfgs[0], hosts=host_cfgs,

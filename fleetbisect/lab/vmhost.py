@@ -37,10 +37,24 @@ class LabHostError(RuntimeError):
     """The lab sshd could not be started; the message carries the tail of its log."""
 
 
-def free_port() -> int:
+def free_port(count: int = 1) -> int:
+    """A free loopback port; with `count`, the first of that many free in a row (a host's
+    slots forward consecutive guest ports)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count - 1 <= 65535 and all(_free(p) for p in range(base + 1, base + count)):
+            return base
+
+
+def _free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def sftp_subsystem() -> str:

@@ -57,3 +57,31 @@ def test_demo_flaky_finds_the_seeded_culprit_with_its_confidence(assets, tmp_pat
     assert per_commit[report["bad"]] == 6
     md = (tmp_path / "run" / "report.md").read_text()
     assert "hit rate on the bad end" in md and "runner-up" in md
+
+
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
+def test_demo_one_host_two_slots_runs_two_vms_at_once(assets, tmp_path):
+    p = subprocess.run([*FB, "demo", "--slots", "2", "--commits", "16", "--seed", "5", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    culprit = seeded(tmp_path)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["search"] == "kary" and report["culprit"] == culprit and report["confirmed"] is True
+    assert {s["host"] for s in report["steps"]} == {"lab-host", "lab-host#2"}
+    # Each slot booted its own QEMU from its own directory, on its own forwarded port.
+    work = tmp_path / "host" / "work"
+    assert (work / "vm" / "console.log").exists() and (work / "slot-2" / "vm" / "console.log").exists()
+    ports = {w.split("hostfwd=tcp:127.0.0.1:")[1].split("-")[0]
+             for f in (tmp_path / "run" / "steps").glob("*/commands.txt") for w in f.read_text().split()
+             if "hostfwd=" in w}
+    assert len(ports) == 2, ports
+    # At some moment both VMs ran: a step on one slot started before the other's finished.
+    events = [json.loads(ln) for ln in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    running, overlapped = set(), False
+    for e in events:
+        if e["event"] == "step-started":
+            running.add(e["host"])
+            overlapped |= running == {"lab-host", "lab-host#2"}
+        elif e["event"] in ("step-finished", "step-cancelled"):
+            running.discard(e["host"])
+    assert overlapped

@@ -92,6 +92,31 @@ def test_unknown_host_lists_the_known_ones(tmp_path):
         inv.host("nope")
 
 
+def test_slots_make_a_host_of_each_vm(tmp_path):
+    text = INVENTORY.replace("    work_dir: /var/tmp/fb", "    work_dir: /var/tmp/fb\n    slots: 3")
+    inv = load_inventory([write(tmp_path, "lab.yaml", text)])
+    slots = inv.host("prime-radiant").slot_hosts()
+    assert [(h.name, h.work_dir, h.target.guest.port, h.slots) for h in slots[1:]] == [
+        ("prime-radiant#2", "/var/tmp/fb/slot-2", 10023, 1), ("prime-radiant#3", "/var/tmp/fb/slot-3", 10024, 1)]
+    assert slots[0] is inv.host("prime-radiant")  # slot 1 is the host as written
+    assert slots[0].target.guest.port == 10022 and slots[0].ssh == slots[1].ssh
+    assert inv.host("prime-radiant#3") == slots[2]  # how a resumed run names it
+    with pytest.raises(UserError, match="has 3 slot"):
+        inv.host("prime-radiant#4")
+    with pytest.raises(UserError, match="a slot is prime-radiant#<number>"):
+        inv.host("prime-radiant#two")
+
+
+def test_slots_need_a_qemu_target_and_room_for_their_ports(tmp_path):
+    text = INVENTORY.replace("    work_dir: /var/tmp/fb", "    work_dir: /var/tmp/fb\n    slots: 2")
+    found = problems(load_inventory, [write(tmp_path, "ports.yaml", text.replace("port: 10022", "port: 65535"))])
+    assert len(found) == 1 and "guest ports 65535..65536, past 65535" in found[0], found
+    found = problems(load_inventory, [write(tmp_path, "kind.yaml", text.replace(
+        "kind: qemu\n      accel: tcg", "kind: libvirt\n      domain: vm1"))])
+    assert len(found) == 1 and "slots: 2 needs target kind qemu" in found[0], found
+    assert found[0].startswith(f"{tmp_path / 'kind.yaml'}:2 hosts.prime-radiant"), found
+
+
 def test_inventory_problems_name_file_line_and_field(tmp_path):
     text = (INVENTORY.replace("port: 10022", "port: ten")
             .replace("accel: tcg", "accel: fast")

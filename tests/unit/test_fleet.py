@@ -152,7 +152,7 @@ def fake_lease(host_cfg, run_id, retries, ui, token=None, on_renewed=None):  # r
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch):
-    def setup(n=24, culprit=13, hit_rate=1.0, broken=(), policy="{retries: 0}"):
+    def setup(n=24, culprit=13, hit_rate=1.0, broken=(), policy="{retries: 0}", slots=1):
         shas = make_repo(tmp_path / "repo", n, culprit)
         world = World(shas, culprit, hit_rate, broken)
         monkeypatch.setattr(step_mod, "connect_host", world.connect)
@@ -162,7 +162,7 @@ def fleet(tmp_path, monkeypatch):
         monkeypatch.setattr(step_mod, "RETRY_PAUSE", 0)
         inv = tmp_path / "inv.yaml"
         inv.write_text("hosts:\n" + "".join(
-            f"  {h}:\n    ssh: {{address: 127.0.0.1}}\n    target:\n      kind: qemu\n"
+            f"  {h}:\n    ssh: {{address: 127.0.0.1}}\n    slots: {slots if h == 'a' else 1}\n    target:\n      kind: qemu\n"
             f"      guest: {{port: 10022, host_key: '{KEY}'}}\n" for h in "abc")
             + "groups:\n  rack1: [a, b, c]\n")
         pb = tmp_path / "pb.yaml"
@@ -303,3 +303,29 @@ def test_one_host_and_a_deterministic_reproducer_is_gits_own_bisect(tmp_path, fl
     assert "git bisect start" in log and f"# first bad commit: [{shas[11]}]" in log  # git's own log
     events, _ = read(tmp_path / "run")
     assert [e["event"] for e in events].count("marked") >= 4
+
+
+def test_one_host_with_two_slots_tests_two_commits_at_once_and_resumes(tmp_path, fleet, capsys):
+    from fleetbisect.cli import main
+
+    shas, world, inventory, inv, playbook, pb = fleet(n=40, culprit=23, slots=2)
+    argv = ["run", "--inventory", str(inv), "--playbook", str(pb), "--repo", str(tmp_path / "repo"),
+            "--good", shas[0], "--bad", shas[-1], "--host", "a", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert f"first bad commit: {shas[23]}" in capsys.readouterr().out
+    events, _ = read(tmp_path / "run")
+    spec = events[0]["config"]
+    assert spec["hosts"] == ["a", "a#2"] and spec["search"] == "kary"
+    started = [e for e in events if e["event"] == "step-started"]
+    assert {e["host"] for e in started} == {"a", "a#2"}  # both VMs of the one host worked
+    # The controller "died" after its fourth result; the resumed run finds slot 2 by its name.
+    journal = tmp_path / "run" / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    finished = [i for i, ln in enumerate(lines) if '"event":"step-finished"' in ln]
+    journal.write_text("".join(lines[:finished[3] + 1]))
+    tested = {r["commit"] for r in replay(read(tmp_path / "run")[0]).steps}
+    world.boots.clear()
+    report = resume_run(tmp_path / "run", UI(quiet=True))
+    assert report.status == "found" and report.culprit == shas[23]
+    assert not tested & {c for _, c in world.boots}
+    assert {h for h, _ in world.boots} == {"a", "a#2"}
