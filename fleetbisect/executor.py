@@ -68,7 +68,7 @@ class _Guard:
 
 class Executor:
     def __init__(self, host_cfg, playbook, repo: Path, run_dir: Path, run_id: str, token: str, ui,
-                 results: "queue.Queue[Done]", *, leased):
+                 results: "queue.Queue[Done]", *, leased, build=None):
         self.host, self.playbook, self.repo, self.run_dir = host_cfg, playbook, repo, run_dir
         self.name = host_cfg.name
         self.run_id, self.token, self.ui, self.results = run_id, token, ui, results
@@ -76,6 +76,7 @@ class Executor:
         self.inbox: "queue.Queue[Task | None]" = queue.Queue()
         self.current: Task | None = None
         self._leased = leased
+        self._build = build  # the run's build stage (its cache), shared by every host's executor
         self._thread = threading.Thread(target=self._main, name=f"executor-{self.name}", daemon=True)
         self.lab: Lab | None = None
 
@@ -106,7 +107,7 @@ class Executor:
                 self._worktree()
                 # a finished step's VM stops while the next one builds and pushes (cleanup.py)
                 self.lab = Lab(self.tree, self.host, self.playbook, self.ui, lease=keeper,
-                               background_cleanup=True)
+                               background_cleanup=True, **({"build": self._build} if self._build else {}))
                 try:
                     while True:
                         task = self.inbox.get()

@@ -48,18 +48,20 @@ def search_name(requested: str | None, playbook, hosts: int) -> str:
 
 class Fleet:
     def __init__(self, spec, state: RunState, hosts: list, playbook, run_dir: Path, ui, journal: Journal,
-                 report: Report, hooks, token: str, *, leased, build_ahead: Callable[[list[str]], None] | None = None):
+                 report: Report, hooks, token: str, *, leased, build_ahead: Callable[[list[str]], None] | None = None,
+                 build=None):
         self.spec, self.state, self.playbook, self.run_dir = spec, state, playbook, run_dir
         self.ui, self.journal, self.report, self.hooks = ui, journal, report, hooks
         self.results: "queue.Queue[Done]" = queue.Queue()
         self.executors = {
             h.name: Executor(h, playbook, spec.repo, run_dir, spec.run_id, token, ui.for_host(h.name), self.results,
-                             leased=leased)
+                             leased=leased, build=build)
             for h in hosts
         }
         self.idle = [h.name for h in hosts]
-        # Build-ahead (a builder of its own): told, after every dispatch, which commits the search
-        # may ask for once the tests in flight come back, either way.
+        # Build-ahead: told, after every dispatch, which commits the search may ask for once the
+        # tests in flight come back, either way. `build`: the run's build stage, one cache (and its
+        # builds ahead) for every host (stages/buildahead.py Builds).
         self.build_ahead = build_ahead
         self.busy: dict[str, Task] = {}
         self.aside: dict[str, str] = {}

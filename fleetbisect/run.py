@@ -265,14 +265,19 @@ def _fleet(spec, state, hosts, playbook, run_dir, ui, me, lock, journal, report,
     """A search of its own (kary, bayes) over one executor per host (fleet.py)."""
     from .fleet import Fleet
 
+    builds = Builds(spec.repo, playbook, run_dir, ui.detail)  # one cache, and builds ahead, for all hosts
+    if build_ahead is None and builds.ahead is not None:
+        build_ahead = builds.ahead.want
     fleet = Fleet(spec, state, hosts, playbook, run_dir, ui, journal, report, hooks, me["token"],
-                  leased=functools.partial(leased, on_renewed=lock.heartbeat), build_ahead=build_ahead)
+                  leased=functools.partial(leased, on_renewed=lock.heartbeat), build_ahead=build_ahead,
+                  build=builds.build)
     try:
         fleet.run()
     except KeyboardInterrupt:
         _interrupted(journal, report)
         raise
     finally:
+        builds.close(remove=report.status not in ("interrupted", "running"))
         lock.heartbeat()
         _finish(journal, report, hooks, ui)
         for h in hosts:

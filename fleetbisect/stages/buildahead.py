@@ -22,6 +22,7 @@ cores. A build ahead that fails is not kept: the step builds the commit itself, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -198,7 +199,9 @@ class Builds:
             return build(tree, playbook, commit, log_path, deadline, on=on)
         if self.ahead is not None:
             self.ahead.get(commit, deadline)  # a build ahead under way is waited for, not repeated
-            with self.ahead.seed_lock:
+            # the seed tree is copied for builds ahead: not while it builds (a fleet has no seed,
+            # and its hosts build side by side)
+            with self.ahead.seed_lock if self.ahead.seed is not None else contextlib.nullcontext():
                 result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)
         else:
             result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)

@@ -329,3 +329,14 @@ def test_one_host_with_two_slots_tests_two_commits_at_once_and_resumes(tmp_path,
     assert report.status == "found" and report.culprit == shas[23]
     assert not tested & {c for _, c in world.boots}
     assert {h for h, _ in world.boots} == {"a", "a#2"}
+
+
+def test_every_host_builds_through_one_cache(tmp_path, fleet):
+    shas, world, inventory, inv, playbook, pb = fleet()
+    report = run(tmp_path, shas, inventory, inv, playbook, pb, inventory.group("rack1"))
+    assert report.status == "found" and report.confirmed is True, report.message
+    data = json.loads((tmp_path / "run" / "report.json").read_text())
+    retests = [s for s in data["steps"] if s["role"].startswith("confirm-")]
+    assert len(retests) == 2
+    for s in retests:  # whichever host retests the culprit and its parent reuses the search's build
+        assert s["build"].get("cached_from") == s["commit"], s
