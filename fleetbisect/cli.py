@@ -229,6 +229,7 @@ def _load(args):
 
 
 def cmd_run(args, ui: UI) -> int:
+    from .config.inventory import path_name
     from .hooks import EVENTS
     from .run import start_run
 
@@ -239,7 +240,7 @@ def cmd_run(args, ui: UI) -> int:
             raise UserError(f"--hook {h!r}: expected EVENT=COMMAND with EVENT one of {', '.join(EVENTS)}")
         hooks.setdefault(event, []).append(command)
     hosts, playbook = _load(args)
-    name = hosts[0].name + (f"+{len(hosts) - 1}" if len(hosts) > 1 else "")
+    name = path_name(hosts[0].name) + (f"+{len(hosts) - 1}" if len(hosts) > 1 else "")
     run_dir = args.run_dir or state_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
     with ui.live():
         report = start_run(

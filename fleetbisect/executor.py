@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config.inventory import path_name
 from .deadline import Deadline
 from .errors import RunAborted
 from .lease import LeaseLost
@@ -72,7 +73,7 @@ class Executor:
         self.host, self.playbook, self.repo, self.run_dir = host_cfg, playbook, repo, run_dir
         self.name = host_cfg.name
         self.run_id, self.token, self.ui, self.results = run_id, token, ui, results
-        self.tree = run_dir / "worktrees" / self.name
+        self.tree = run_dir / "worktrees" / path_name(self.name)
         self.inbox: "queue.Queue[Task | None]" = queue.Queue()
         self.current: Task | None = None
         self._leased = leased

@@ -107,6 +107,12 @@ class BuildHost(Strict):
 SLOT = "#"  # "prime-radiant#2": the second VM slot of prime-radiant (never in an inventory name)
 
 
+def path_name(host: str) -> str:
+    """A host's name as a directory name: no `#`, which starts a comment in the Makefile
+    fragments a kernel build writes (a tree under such a directory would build wrong)."""
+    return host.replace(SLOT, "+")
+
+
 class Host(Strict):
     name: SkipJsonSchema[str] = ""  # filled in from the key
     ssh: SSH

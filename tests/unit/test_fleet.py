@@ -305,10 +305,12 @@ def test_one_host_and_a_deterministic_reproducer_is_gits_own_bisect(tmp_path, fl
     assert [e["event"] for e in events].count("marked") >= 4
 
 
-def test_one_host_with_two_slots_tests_two_commits_at_once_and_resumes(tmp_path, fleet, capsys):
+def test_one_host_with_two_slots_tests_two_commits_at_once_and_resumes(tmp_path, fleet, capsys, monkeypatch):
     from fleetbisect.cli import main
 
     shas, world, inventory, inv, playbook, pb = fleet(n=40, culprit=23, slots=2)
+    trees, make_tree = [], executor_mod.Executor._worktree
+    monkeypatch.setattr(executor_mod.Executor, "_worktree", lambda ex: (trees.append(str(ex.tree)), make_tree(ex)))
     argv = ["run", "--inventory", str(inv), "--playbook", str(pb), "--repo", str(tmp_path / "repo"),
             "--good", shas[0], "--bad", shas[-1], "--host", "a", "--run-dir", str(tmp_path / "run")]
     assert main(argv) == 0
@@ -318,6 +320,8 @@ def test_one_host_with_two_slots_tests_two_commits_at_once_and_resumes(tmp_path,
     assert spec["hosts"] == ["a", "a#2"] and spec["search"] == "kary"
     started = [e for e in events if e["event"] == "step-started"]
     assert {e["host"] for e in started} == {"a", "a#2"}  # both VMs of the one host worked
+    # a slot's worktree has no `#` in its path (Kbuild's .cmd files would read it as a comment)
+    assert len(trees) == 2 and not any("#" in t for t in trees), trees
     # The controller "died" after its fourth result; the resumed run finds slot 2 by its name.
     journal = tmp_path / "run" / "journal.jsonl"
     lines = journal.read_text().splitlines(keepends=True)
