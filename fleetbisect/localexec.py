@@ -43,16 +43,17 @@ def _guarded(argv: list[str]) -> list[str]:
 
 def run_logged(
     argv: list[str], cwd: Path | None, env: Mapping[str, str], log: MaskedFile, deadline: Deadline,
-    pidfile: Path | None = None,
+    pidfile: Path | None = None, nice: int = 0,
 ) -> int | None:
     """Run argv with its output masked into `log`; kill its process group at the deadline (and
-    on Ctrl-C). Returns the exit status, or None when the deadline passed."""
+    on Ctrl-C). Returns the exit status, or None when the deadline passed. `nice`: run it at
+    that niceness (`nice -n`)."""
     log.write(f"$ {' '.join(argv)}\n")
     log.flush()
     env = dict(env)
     env[TOKEN_VAR] = token = secrets.token_hex(8)
     proc = subprocess.Popen(
-        _guarded(argv), cwd=cwd, env=env,
+        (["nice", "-n", str(nice)] if nice else []) + _guarded(argv), cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -143,11 +144,12 @@ def _write_pidfile(path: Path, pid: int, token: str) -> None:
     tmp.replace(path)
 
 
-def kill_orphan(pidfile: Path) -> list[int]:
+def kill_orphan(pidfile: Path, sig: int = signal.SIGKILL) -> list[int]:
     """Kill what is left of the command a pid file names, if it is still running: its group
     when the leader is the very process recorded (same start time: a recycled pid is never
     killed), else the group's processes that carry the command's token. Returns the pids
-    signalled (the leader's for a whole group) and removes the pid file."""
+    signalled (the leader's for a whole group) and removes the pid file (not for a `sig` other
+    than SIGKILL: SIGTERM asks, and a build that does not stop is killed after it)."""
     try:
         pid_s, start, token = pidfile.read_text().split()
         pgid = int(pid_s)
@@ -156,7 +158,7 @@ def kill_orphan(pidfile: Path) -> list[int]:
     killed = []
     if start != "-" and _start_time(pgid) == start:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(pgid, sig)
             killed.append(pgid)
         except ProcessLookupError:
             pass
@@ -164,11 +166,12 @@ def kill_orphan(pidfile: Path) -> list[int]:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and _pgrp(int(entry.name)) == pgid and _carries(int(entry.name), token):
                 try:
-                    os.kill(int(entry.name), signal.SIGKILL)
+                    os.kill(int(entry.name), sig)
                     killed.append(int(entry.name))
                 except ProcessLookupError:
                     pass
-    pidfile.unlink(missing_ok=True)
+    if sig == signal.SIGKILL:
+        pidfile.unlink(missing_ok=True)
     return killed
 
 

@@ -237,9 +237,9 @@ def _bisect(spec, state, host, playbook, run_dir, ui, me, lock, journal, report,
         # (a step starting, a verdict) raises LeaseLost and the run stops, resumable.
         journal.guard = keeper.check
         bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
-        builds = Builds(spec.repo, playbook, run_dir, ui.detail, bisect.tree)  # cache; builds ahead
+        builds = Builds(spec.repo, playbook, run_dir, ui.detail, home=bisect.tree)  # cache; builds ahead
         lab = Lab(bisect.tree, host, playbook, ui, lease=keeper, background_cleanup=True, build=builds.build)
-        run = _Run(spec, state, lab, journal, report, bisect, hooks, ui)
+        run = _Run(spec, state, lab, journal, report, bisect, hooks, ui, builds)
         builds.upcoming, run.scratch = run.upcoming, builds.scratch
         try:
             run.search()
@@ -348,8 +348,8 @@ class _Run:
     """The phases of one run: endpoints, search, confirmation. Every decision is journaled
     before the next action, and a verdict the journal holds is reused, never retested."""
 
-    def __init__(self, spec, state, lab, journal, report, bisect, hooks, ui):
-        self.spec, self.state, self.lab = spec, state, lab
+    def __init__(self, spec, state, lab, journal, report, bisect, hooks, ui, builds):
+        self.spec, self.state, self.lab, self.builds = spec, state, lab, builds
         self.journal, self.report, self.bisect, self.hooks, self.ui = journal, report, bisect, hooks, ui
         self.playbook = lab.playbook
         self.setup = SetupWatch()
@@ -401,33 +401,25 @@ class _Run:
 
     def _endpoints_hold(self) -> bool:
         """The good end must test good and the bad end bad, or the search would mean nothing."""
-        back = self.bisect.head()
-        try:
-            for commit, want, role in ((self.spec.good, Verdict.GOOD, "endpoint-good"),
-                                       (self.spec.bad, Verdict.BAD, "endpoint-bad")):
-                problem = endpoint_problem(self._step(commit, role, checkout=True), want, role)
-                if problem:
-                    self.report.status, self.report.message = problem
-                    return False
-            return True
-        finally:
-            git(self.bisect.tree, "checkout", "--quiet", "--detach", back)
+        for commit, want, role in ((self.spec.good, Verdict.GOOD, "endpoint-good"),
+                                   (self.spec.bad, Verdict.BAD, "endpoint-bad")):
+            problem = endpoint_problem(self._step(commit, role), want, role)
+            if problem:
+                self.report.status, self.report.message = problem
+                return False
+        return True
 
     def _confirm(self, culprit: str) -> None:
         """Retest the culprit (bad) and its parent (good); the report says whether it held."""
         parent = git(self.spec.repo, "rev-parse", f"{culprit}^").stdout.strip()
-        back = self.bisect.head()
         failed = []
-        try:
-            for _ in range(self.playbook.policy.confirm):
-                for commit, want, role in ((culprit, Verdict.BAD, "confirm-culprit"),
-                                           (parent, Verdict.GOOD, "confirm-parent")):
-                    record = self._step(commit, role, checkout=True, cached=False)
-                    if record.verdict is not want:
-                        failed.append(f"{role.removeprefix('confirm-')} {commit[:12]} tested "
-                                      f"{record.verdict.value} ({record.reason})")
-        finally:
-            git(self.bisect.tree, "checkout", "--quiet", "--detach", back)
+        for _ in range(self.playbook.policy.confirm):
+            for commit, want, role in ((culprit, Verdict.BAD, "confirm-culprit"),
+                                       (parent, Verdict.GOOD, "confirm-parent")):
+                record = self._step(commit, role, cached=False)
+                if record.verdict is not want:
+                    failed.append(f"{role.removeprefix('confirm-')} {commit[:12]} tested "
+                                  f"{record.verdict.value} ({record.reason})")
         self.report.confirmed = not failed
         if failed:
             self.report.status = "unconfirmed"
@@ -449,14 +441,15 @@ class _Run:
             return [git(self.spec.repo, "rev-parse", f"{commit}^").stdout.strip()]
         return bisect_upcoming(self.bisect.tree, commit, self.scratch) if self.role == "bisect" else []
 
-    def _step(self, commit: str, role: str, *, checkout: bool = False, cached: bool = True) -> StepRecord:
+    def _step(self, commit: str, role: str, *, cached: bool = True) -> StepRecord:
         self.role = role
         if cached:
             record = _decided(self.state, commit, self.ui)
             if record is not None:
                 return record
-        if checkout:
-            git(self.bisect.tree, "checkout", "--quiet", "--detach", commit)
+        # git's bisect names the commit and leaves the tree alone (--no-checkout): the tree is
+        # checked out here, once no build ahead uses it
+        self.builds.checkout(self.bisect.tree, commit, Deadline.after(self.playbook.build.timeout))
         record = _test(self.lab, self.journal, self.report, commit, self.report.run_dir, self.spec.repo,
                        self.ui, self.bisect.remaining(), role)
         self.setup.saw(record)

@@ -72,11 +72,14 @@ class Bisect:
             git(worktree, "clean", "-fd", "--quiet")
         b = cls(worktree)
         git(worktree, "bisect", "reset", check=False)
-        git(worktree, "bisect", "start", bad, good)
+        # --no-checkout: git names the next commit (BISECT_HEAD) and leaves the tree alone; the
+        # run checks out what it builds, so that a build ahead may use the tree meanwhile
+        git(worktree, "bisect", "start", "--no-checkout", bad, good)
         return b
 
     def head(self) -> str:
-        return git(self.tree, "rev-parse", "HEAD").stdout.strip()
+        """The commit git's bisect asks for now."""
+        return git(self.tree, "rev-parse", "BISECT_HEAD").stdout.strip()
 
     def mark(self, verdict: Verdict, commit: str) -> MarkResult:
         word = {Verdict.GOOD: "good", Verdict.BAD: "bad", Verdict.SKIP: "skip"}[verdict]

@@ -58,7 +58,7 @@ CCACHE_DIRS = ("/usr/lib/ccache", "/usr/lib64/ccache", "/usr/local/lib/ccache") 
 
 
 def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
-          pidfile: Path | None = None, cache: BuildCache | None = None, on=None) -> BuildResult:
+          pidfile: Path | None = None, cache: BuildCache | None = None, on=None, nice: int = 0) -> BuildResult:
     """Apply cherry-picks, run the build command, collect artifacts, undo the cherry-picks.
 
     A tree already built with the same config, command and environment reuses its artifacts
@@ -67,7 +67,8 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
     `make olddefconfig` run before the command; ccache is used when it is installed.
     The log is masked as it streams. `pidfile` (default: build.pid next to the log) names the
     running build's process group; a build a dead controller left there is killed first.
-    `on`: the machine to build on (an inventory BuildHost), instead of here."""
+    `on`: the machine to build on (an inventory BuildHost), instead of here. `nice`: the
+    build's scheduling priority (builds ahead yield the cores to the guest under test)."""
     if on is not None:
         from .remotebuild import build_on
 
@@ -99,18 +100,18 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
         try:
             if spec.config:  # from the playbook's config, never what the last commit left
                 shutil.copyfile(spec.config, tree / ".config")
-                if run_logged(["make", "olddefconfig"], tree, env, log, deadline, pidfile) != 0:
+                if run_logged(["make", "olddefconfig"], tree, env, log, deadline, pidfile, nice) != 0:
                     return BuildResult(False, "make olddefconfig failed", log_path, time.monotonic() - started)
             for pick in spec.cherry_picks:
                 status = run_logged(
-                    ["git", "cherry-pick", "--no-commit", pick], tree, env, log, deadline, pidfile
+                    ["git", "cherry-pick", "--no-commit", pick], tree, env, log, deadline, pidfile, nice
                 )
                 if status != 0:
                     return BuildResult(
                         False, f"cherry-pick {pick} does not apply", log_path,
                         time.monotonic() - started,
                     )
-            status = run_logged(["bash", "-c", spec.command], tree, env, log, deadline, pidfile)
+            status = run_logged(["bash", "-c", spec.command], tree, env, log, deadline, pidfile, nice)
         finally:
             if spec.cherry_picks:
                 git(tree, "reset", "--hard", "--quiet", commit)
@@ -158,6 +159,11 @@ def build(tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline,
         if same:
             info["same_image_as"] = same
         cache.put(key, commit, release, artifacts)
+        # the step reads its artifacts from the cache, never from the tree: a build ahead may
+        # rebuild the tree for another commit while this one is pushed (stages/buildahead.py)
+        entry = cache.get(key)
+        if entry is not None:
+            artifacts = dict(entry.artifacts)
     result = BuildResult(True, "built", log_path, seconds, release, artifacts, info=info)
     with open(log_path, "ab") as log:
         for note in result.notes:

@@ -12,12 +12,21 @@ once the step's own artifacts are there, the commits `upcoming(commit)` names ar
 `BuildAhead.want`. For git's bisect that is the next commit if k is good and the next if k is
 bad (`bisect_upcoming`); for the searches of search/, `Search.upcoming()`.
 
-`BuildAhead` runs `build.ahead` builds at once, each in a worktree of its own under
-RUN_DIR/ahead/ (kept for the run: its next build there is incremental too), and starts one only
-while the disk holding them has `build.ahead_min_free` free. `want(commits)` replaces what is
-wanted: a build ahead of a commit no longer wanted is stopped, and so is every other one when
-the step needs a commit nobody built (`get`), so that the build the host waits for has the
-cores. A build ahead that fails is not kept: the step builds the commit itself, with its log.
+`BuildAhead` runs `build.ahead` builds at once. With git's bisect the first is the run's own
+tree (`home`): git's bisect runs with --no-checkout, so the tree is idle from the moment the
+step's artifacts are in the cache (the step pushes the cache's copies) until the next step
+checks out its commit (`Builds.checkout`); meanwhile it checks out and builds what may come
+next, incrementally and with no copy. When the next commit is the one it built (or is
+building: waited for), that step's build is a cache hit; when it is not, the build ahead is
+stopped and the step builds from where it was, still incrementally. The others (and all of a
+fleet's) each use a worktree of their own under RUN_DIR/ahead/ (a copy of the run's built tree;
+kept for the run), and start only while the disk holding them has `build.ahead_min_free` free.
+Builds ahead run at nice 10: the step's own build and the guest under test keep the cores.
+`want(commits)` replaces what is wanted: a build ahead of a commit no longer wanted is stopped,
+and so is every other one when the step needs a commit nobody built (`get`). Stopping is
+SIGTERM to the build's process group (make deletes the targets it was writing: a half-written
+object with a new mtime would pass for built), SIGKILL only after GRACE. A build ahead that
+fails is not kept: the step builds the commit itself, with its log.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -39,24 +49,37 @@ from .build import PIDFILE, BuildResult, build
 from .buildcache import BuildCache
 
 
+GRACE = 10.0  # seconds a cancelled build has to stop on SIGTERM before it is killed
+NICE = 10  # builds ahead yield the cores to the step's own build and to the guest under test
+
+
 @dataclass
 class _Slot:
     tree: Path
     commit: str | None = None  # building now
     cancelled: bool = False
+    cancelled_at: float = 0.0
+    home: bool = False  # the run's own tree, used while the step does not need it
+    pid_path: Path | None = None
 
     @property
     def pidfile(self) -> Path:
-        return self.tree.parent / f"{self.tree.name}.{PIDFILE}"
+        return self.pid_path or self.tree.parent / f"{self.tree.name}.{PIDFILE}"
 
 
 class BuildAhead:
     def __init__(self, repo: Path, playbook, base: Path, cache: BuildCache, log=lambda msg: None,
-                 seed: Path | None = None):
+                 seed: Path | None = None, home: Path | None = None):
+        """`home`: the run's own tree: it builds ahead itself between `open_home()` (the step's
+        artifacts are in the cache) and `claim_home()` (the step needs the tree), with no copy,
+        incrementally; the other `build.ahead - 1` slots are worktrees copied from it (`seed`)."""
         self.repo, self.playbook, self.base, self.cache, self.log = repo, playbook, base, cache, log
-        self.seed = seed  # a built tree a new worktree starts from (the run's): no full first build
+        self.seed = seed or home  # a built tree a new worktree starts from (the run's): no full first build
         self.seed_lock = threading.Lock()  # held while the seed tree builds, or is copied
-        self.slots = [_Slot(base / f"tree{i}") for i in range(playbook.build.ahead)]
+        n = playbook.build.ahead
+        self.slots = ([_Slot(home, home=True, pid_path=base / f"home.{PIDFILE}")] if home else []) + \
+                     [_Slot(base / f"tree{i}") for i in range(n - 1 if home else n)]
+        self.home_open = False
         self.wanted: list[str] = []
         self.built: dict[str, BuildResult] = {}  # commit -> a build ahead that finished
         self.cond = threading.Condition()
@@ -84,14 +107,36 @@ class BuildAhead:
             for slot in self.slots:
                 if slot.commit and slot.commit != commit:
                     self._cancel(slot)
-            # ... and waited for, so the cores are free (a cancel that came between two commands
-            # of a build misses the second: killed again until the slot is idle)
-            while any(s.commit and (s.commit == commit or s.cancelled) for s in self.slots) and not deadline.expired:
-                self.cond.wait(min(0.2, max(0.01, deadline.remaining())))
-                for slot in self.slots:
-                    if slot.commit and slot.cancelled:
-                        kill_orphan(slot.pidfile)
+            self._wait(lambda: any(s.commit and (s.commit == commit or s.cancelled) for s in self.slots),
+                       deadline)
             return self.built.get(commit)
+
+    def claim_home(self, commit: str, deadline: Deadline) -> None:
+        """The step is about to check out `commit` in the run's tree: its build ahead there is
+        waited for when it is of `commit` (what the step would build), else stopped; the tree
+        builds nothing ahead until `open_home()`."""
+        with self.cond:
+            self.home_open = False
+            for slot in self.slots:
+                if slot.home and slot.commit and slot.commit != commit:
+                    self._cancel(slot)
+            self._wait(lambda: any(s.home and s.commit for s in self.slots), deadline)
+
+    def open_home(self) -> None:
+        """The step's artifacts are in the cache: the run's tree may build ahead."""
+        with self.cond:
+            self.home_open = True
+            self.cond.notify_all()
+
+    def _wait(self, busy, deadline: Deadline) -> None:
+        """Until `busy()` is false; cancelled builds are asked again (a cancel that came between
+        two commands of a build misses the second), and killed after GRACE."""
+        while busy() and not deadline.expired:
+            self.cond.wait(min(0.2, max(0.01, deadline.remaining())))
+            for slot in self.slots:
+                if slot.commit and slot.cancelled:
+                    late = time.monotonic() - slot.cancelled_at > GRACE
+                    kill_orphan(slot.pidfile, signal.SIGKILL if late else signal.SIGTERM)
 
     def settle(self, deadline: Deadline) -> bool:
         """Wait until everything wanted was built (or given up); False at the deadline."""
@@ -113,15 +158,19 @@ class BuildAhead:
 
     # -- the workers ---------------------------------------------------------------------------
     def _cancel(self, slot: _Slot) -> None:
-        slot.cancelled = True
-        kill_orphan(slot.pidfile)  # the build's own process group, which we started
+        """Stop a build ahead: SIGTERM to its process group (ours), so that make deletes the
+        targets it was writing (a half-written object file with a new mtime would be taken as
+        built by the next make in that tree); SIGKILL only if it has not stopped after GRACE."""
+        if not slot.cancelled:
+            slot.cancelled, slot.cancelled_at = True, time.monotonic()
+        kill_orphan(slot.pidfile, signal.SIGTERM)
 
     def _next(self, slot: _Slot) -> str | None:
         with self.cond:
             while not self.closed:
                 busy = {s.commit for s in self.slots}
                 todo = [c for c in self.wanted if c not in busy and c not in self.built]
-                if todo and self._room():
+                if todo and (self.home_open or not slot.home) and self._room():
                     slot.commit, slot.cancelled = todo[0], False
                     self.wanted.remove(todo[0])
                     return todo[0]
@@ -143,13 +192,19 @@ class BuildAhead:
             try:
                 if not (slot.tree / ".git").exists():
                     self._add(slot.tree, commit)
-                git(slot.tree, "checkout", "--quiet", "--force", "--detach", commit)
-                if not slot.cancelled:
-                    started = time.monotonic()
-                    result = build(slot.tree, self.playbook, commit, self.base / "logs" / f"{commit[:12]}.log",
-                                   Deadline.after(self.playbook.build.timeout), slot.pidfile, self.cache)
-                    if result.ok and not slot.cancelled:
-                        self.log(f"built {commit[:12]} ahead in {time.monotonic() - started:.0f}s")
+                # the run's tree: not while it is copied for another slot
+                with self.seed_lock if slot.home else contextlib.nullcontext():
+                    if not slot.cancelled:
+                        git(slot.tree, "checkout", "--quiet", "--force", "--detach", commit)
+                    if not slot.cancelled:
+                        started = time.monotonic()
+                        result = build(slot.tree, self.playbook, commit,
+                                       self.base / "logs" / f"{commit[:12]}.log",
+                                       Deadline.after(self.playbook.build.timeout), slot.pidfile, self.cache,
+                                       nice=NICE)
+                        if result.ok and not slot.cancelled:
+                            where = " in the run's tree" if slot.home else ""
+                            self.log(f"built {commit[:12]} ahead{where} in {time.monotonic() - started:.0f}s")
             except Exception as e:  # noqa: BLE001 - a build ahead is a guess: the step builds it itself
                 self.log(f"building {commit[:12]} ahead failed: {e}")
             with self.cond:
@@ -180,24 +235,35 @@ class BuildAhead:
 
     def remove(self) -> None:
         for slot in self.slots:
-            if (slot.tree / ".git").exists():
+            if not slot.home and (slot.tree / ".git").exists():
                 git(self.repo, "worktree", "remove", "--force", str(slot.tree), check=False)
 
 
 class Builds:
     """The build stage as a run uses it: its cache, and its builds ahead (build.ahead > 0)."""
 
-    def __init__(self, repo: Path, playbook, run_dir: Path, log=lambda msg: None, seed: Path | None = None):
+    def __init__(self, repo: Path, playbook, run_dir: Path, log=lambda msg: None, home: Path | None = None):
+        """`home`: the run's own tree (git's bisect): it builds ahead itself while the step does
+        not need it (`checkout` claims it back)."""
         self.cache = BuildCache.for_playbook(playbook, run_dir / "build-cache")
-        self.ahead = (BuildAhead(repo, playbook, run_dir / "ahead", self.cache, log, seed)
+        self.ahead = (BuildAhead(repo, playbook, run_dir / "ahead", self.cache, log, home=home)
                       if playbook.build.ahead and self.cache else None)
         self.upcoming: Callable[[str], list[str]] | None = None
         self.log, self.repo, self.base = log, repo, run_dir / "ahead"
+
+    def checkout(self, tree: Path, commit: str, deadline: Deadline) -> None:
+        """Check `commit` out in `tree` for the step, once no build ahead uses that tree (one of
+        `commit` itself is waited for: it is what the step would build)."""
+        if self.ahead is not None:
+            self.ahead.claim_home(commit, deadline)
+        if git(tree, "rev-parse", "HEAD").stdout.strip() != commit:
+            git(tree, "checkout", "--quiet", "--force", "--detach", commit)
 
     def build(self, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline, on=None) -> BuildResult:
         if on is not None:  # a build host (stages/remotebuild.py) builds it: not built ahead here
             return build(tree, playbook, commit, log_path, deadline, on=on)
         if self.ahead is not None:
+            self.ahead.claim_home(commit, deadline)  # (done already by checkout(): no-op then)
             self.ahead.get(commit, deadline)  # a build ahead under way is waited for, not repeated
             # the seed tree is copied for builds ahead: not while it builds (a fleet has no seed,
             # and its hosts build side by side)
@@ -205,6 +271,8 @@ class Builds:
                 result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)
         else:
             result = build(tree, playbook, commit, log_path, deadline, cache=self.cache)
+        if self.ahead is not None and result.ok:
+            self.ahead.open_home()  # its artifacts are the cache's now: the tree may build ahead
         if self.ahead is not None and self.upcoming is not None:
             try:
                 self.ahead.want(self.upcoming(commit))

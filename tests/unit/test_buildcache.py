@@ -149,7 +149,7 @@ def test_bisect_upcoming_names_what_git_asks_next(tmp_path, verdict):
 def test_build_ahead_builds_wanted_commits_in_its_own_worktree(tmp_path):
     shas = make_repo(tmp_path / "repo", 6)
     pb = playbook(tmp_path, ahead=1, ahead_min_free=1)
-    builds = Builds(tmp_path / "repo", pb, tmp_path / "run", seed=None)
+    builds = Builds(tmp_path / "repo", pb, tmp_path / "run")
     try:
         builds.ahead.want([shas[3], shas[4]])
         assert builds.ahead.settle(Deadline.after(PATIENCE))
@@ -231,3 +231,66 @@ def test_the_same_artifact_at_two_commits_is_stored_once(tmp_path):
     assert one.artifacts["kernel"].stat().st_ino == two.artifacts["kernel"].stat().st_ino
     assert one.artifacts["initrd"].stat().st_ino != two.artifacts["initrd"].stat().st_ino
     assert two.artifacts["initrd"].read_bytes() == b"initrd of " + b"b" * 40
+
+
+def run_tree(tmp_path: Path, repo: Path, at: str) -> Path:
+    tree = tmp_path / "run" / "worktree"
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    sh(repo, "git", "worktree", "add", "-q", "--detach", str(tree), at)
+    return tree
+
+
+def test_the_runs_own_tree_builds_ahead_while_the_step_does_not_need_it(tmp_path):
+    shas = make_repo(tmp_path / "repo", 6)
+    pb = playbook(tmp_path, ahead=1, ahead_min_free=1)
+    tree = run_tree(tmp_path, tmp_path / "repo", shas[0])
+    builds = Builds(tmp_path / "repo", pb, tmp_path / "run", home=tree)
+    try:
+        builds.checkout(tree, shas[1], Deadline.after(PATIENCE))
+        step = builds.build(tree, pb, shas[1], tmp_path / "s1" / "build.log", Deadline.after(PATIENCE))
+        assert step.ok
+        # the step's artifacts are the cache's copies, not the tree's files
+        assert all(tree not in p.parents for p in step.artifacts.values()), step.artifacts
+        builds.ahead.want([shas[3]])  # what the search may ask next
+        assert builds.ahead.settle(Deadline.after(PATIENCE))
+        assert shas[3] in builds.ahead.built
+        assert sh(tree, "git", "rev-parse", "HEAD") == shas[3], "built in the run's tree itself"
+        assert not (tmp_path / "run" / "ahead" / "tree0").exists(), "no worktree, no copy"
+        # ... which rewrote the tree's bzImage, but not the artifacts the step pushes
+        assert b"return 3" in (tree / "arch" / "x86" / "boot" / "bzImage").read_bytes()
+        assert b"return 1" in step.artifacts["kernel"].read_bytes()
+        # the guess was right: the next step's build is that build, not another one
+        n = len(ledger(tmp_path))
+        builds.checkout(tree, shas[3], Deadline.after(PATIENCE))
+        nxt = builds.build(tree, pb, shas[3], tmp_path / "s2" / "build.log", Deadline.after(PATIENCE))
+        assert nxt.ok and nxt.info["cached_from"] == shas[3] and len(ledger(tmp_path)) == n
+    finally:
+        builds.close()
+    assert (tree / ".git").exists(), "the run's tree is the run's to remove, not build-ahead's"
+
+
+def test_claiming_the_tree_for_another_commit_stops_its_build_ahead_with_sigterm(tmp_path):
+    shas = make_repo(tmp_path / "repo", 6)
+    gate, started, signals = tmp_path / "gate", tmp_path / "started", tmp_path / "signals"
+    pb = playbook(tmp_path, ahead=1, ahead_min_free=1, command=(
+        f"if [ \"$(git rev-parse HEAD)\" = {shas[3]} ]; then trap 'echo TERM >> {signals}; exit 143' TERM; "
+        f"touch {started}; while [ ! -e {gate} ]; do sleep 0.05; done; fi; make all LEDGER=$LEDGER"))
+    tree = run_tree(tmp_path, tmp_path / "repo", shas[0])
+    builds = Builds(tmp_path / "repo", pb, tmp_path / "run", home=tree)
+    try:
+        builds.checkout(tree, shas[1], Deadline.after(PATIENCE))
+        assert builds.build(tree, pb, shas[1], tmp_path / "s1" / "build.log", Deadline.after(PATIENCE)).ok
+        builds.ahead.want([shas[3]])
+        deadline = Deadline.after(PATIENCE)
+        while not started.exists():
+            assert not deadline.expired, "the build ahead never started"
+        # the verdict sent the search elsewhere: the tree is claimed for shas[2]
+        builds.checkout(tree, shas[2], Deadline.after(PATIENCE))
+        assert signals.read_text().split() == ["TERM"], "asked to stop (make deletes what it was writing)"
+        assert shas[3] not in builds.ahead.built
+        assert sh(tree, "git", "rev-parse", "HEAD") == shas[2]
+        step = builds.build(tree, pb, shas[2], tmp_path / "s2" / "build.log", Deadline.after(PATIENCE))
+        assert step.ok and b"return 2" in step.artifacts["kernel"].read_bytes()
+    finally:
+        gate.write_text("")
+        builds.close()

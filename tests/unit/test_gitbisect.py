@@ -74,3 +74,16 @@ def test_resolve_rejects_unknown_revisions(repo):
     r, _ = repo
     with pytest.raises(UserError, match="not a commit"):
         resolve(r, "no-such-branch")
+
+
+def test_marks_leave_the_tree_alone(repo):
+    """git names the next commit (BISECT_HEAD); the run checks out what it builds, so a build
+    ahead may use the tree while the step is tested."""
+    r, shas = repo
+    b = Bisect.create(r, r.parent / "wt", shas[0], shas[-1])
+    before = git(b.tree, "rev-parse", "HEAD").strip()
+    head = b.head()
+    b.mark(Verdict.GOOD, head)
+    assert b.head() != head
+    assert git(b.tree, "rev-parse", "HEAD").strip() == before
+    b.finish(r)
