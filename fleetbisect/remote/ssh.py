@@ -358,6 +358,21 @@ class SSHRemote:
                 raise RemoteError(self.name, f"download of {remote_path} failed: {_short(e)}") from None
         return TransferStats(remote_path, done, time.monotonic() - started)
 
+    def rename(self, src: str, dst: str, *, deadline: Deadline) -> None:
+        """`mv -f src dst` on the host, as one SFTP request when it has SFTP (posix-rename:
+        atomic, replacing dst), with no command started there."""
+        with self._watchdog(deadline, f"rename of {src}", grace=0.0):
+            sftp = self._sftp_client(self._live(deadline), deadline)
+            if sftp is not None:
+                try:
+                    _settimeout(sftp, deadline)
+                    return sftp.posix_rename(src, dst)
+                except (paramiko.SSHException, EOFError, OSError, TimeoutError) as e:
+                    if "unsupported" not in str(e).lower():  # posix-rename is an extension
+                        raise RemoteError(self.name, f"rename of {src} failed: {_short(e)}") from None
+                    log.info("%s: no SFTP posix-rename (%s); using mv", self.name, _short(e))
+        self.run(["mv", "-f", src, dst], deadline=deadline, check=True)
+
     def _sftp_client(self, transport: paramiko.Transport, deadline: Deadline) -> paramiko.SFTPClient | None:
         """The connection's SFTP client (opened once), or None when the host has no SFTP."""
         if self._sftp is not None and not self._sftp.sock.closed:

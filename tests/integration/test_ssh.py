@@ -236,6 +236,19 @@ def test_put_put_stream_get_round_trip(ssh, tmp_path):
     assert (tmp_path / "empty").read_bytes() == b""
 
 
+def test_rename_replaces_atomically_over_sftp_and_without_it(ssh, tmp_path):
+    (tmp_path / "part").write_text("new")
+    (tmp_path / "blob").write_text("old")
+    ssh.rename(str(tmp_path / "part"), str(tmp_path / "blob"), deadline=Deadline.after(10))
+    assert (tmp_path / "blob").read_text() == "new" and not (tmp_path / "part").exists()
+    with pytest.raises(RemoteError, match="rename"):  # nothing to rename
+        ssh.rename(str(tmp_path / "part"), str(tmp_path / "blob"), deadline=Deadline.after(10))
+    ssh._no_sftp, ssh._sftp = True, None  # a host without an SFTP subsystem: `mv -f`
+    (tmp_path / "part").write_text("newer")
+    ssh.rename(str(tmp_path / "part"), str(tmp_path / "blob"), deadline=Deadline.after(10))
+    assert (tmp_path / "blob").read_text() == "newer" and not (tmp_path / "part").exists()
+
+
 def test_transfer_errors_are_remote_errors(ssh, tmp_path):
     src = tmp_path / "x"
     src.write_bytes(b"x")
