@@ -1,6 +1,6 @@
 """fleetbisect against the shell script it replaces, on the lab's generated kernel repo.
 
-    .venv/bin/python bench/bisect.py [--commits 300] [--size 16M] [--stall 3]
+    .venv/bin/python bench/bisect_vs_script.py [--commits 300] [--size 16M] [--stall 3]
 
 The same repo (one seeded net-hang regression, an unbuildable stretch) is bisected twice in
 one benchmark run, with the same work per step:
@@ -26,19 +26,14 @@ Numbers under TCG on a machine shared with other work: the ratio is what compare
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named like the standard library's `bisect` (which `random` imports): its own
-# directory must not shadow it.
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
-
-import argparse  # noqa: E402
+import argparse
 import json
 import logging
+import os
 import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
