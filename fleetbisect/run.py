@@ -239,7 +239,7 @@ def _bisect(spec, state, host, playbook, run_dir, ui, me, lock, journal, report,
         bisect = Bisect.create(spec.repo, run_dir / "worktree", spec.good, spec.bad)
         builds = Builds(spec.repo, playbook, run_dir, ui.detail, home=bisect.tree)  # cache; builds ahead
         lab = Lab(bisect.tree, host, playbook, ui, lease=keeper, background_cleanup=True, build=builds.build)
-        run = _Run(spec, state, lab, journal, report, bisect, hooks, ui, builds)
+        run = _Run(spec, state, lab, journal, report, bisect, hooks, ui)
         builds.upcoming, run.scratch = run.upcoming, builds.scratch
         try:
             run.search()
@@ -348,8 +348,8 @@ class _Run:
     """The phases of one run: endpoints, search, confirmation. Every decision is journaled
     before the next action, and a verdict the journal holds is reused, never retested."""
 
-    def __init__(self, spec, state, lab, journal, report, bisect, hooks, ui, builds):
-        self.spec, self.state, self.lab, self.builds = spec, state, lab, builds
+    def __init__(self, spec, state, lab, journal, report, bisect, hooks, ui):
+        self.spec, self.state, self.lab = spec, state, lab
         self.journal, self.report, self.bisect, self.hooks, self.ui = journal, report, bisect, hooks, ui
         self.playbook = lab.playbook
         self.setup = SetupWatch()
@@ -447,9 +447,8 @@ class _Run:
             record = _decided(self.state, commit, self.ui)
             if record is not None:
                 return record
-        # git's bisect names the commit and leaves the tree alone (--no-checkout): the tree is
-        # checked out here, once no build ahead uses it
-        self.builds.checkout(self.bisect.tree, commit, Deadline.after(self.playbook.build.timeout))
+        # git's bisect names the commit and leaves the tree alone (--no-checkout): the build
+        # stage checks it out (Builds.build), once no build ahead uses the tree
         record = _test(self.lab, self.journal, self.report, commit, self.report.run_dir, self.spec.repo,
                        self.ui, self.bisect.remaining(), role)
         self.setup.saw(record)

@@ -260,10 +260,12 @@ class Builds:
             git(tree, "checkout", "--quiet", "--force", "--detach", commit)
 
     def build(self, tree: Path, playbook, commit: str, log_path: Path, deadline: Deadline, on=None) -> BuildResult:
+        """The build stage: check `commit` out in `tree` (git's bisect leaves that to us), then
+        build it, through the cache; waiting for a build ahead is part of the stage."""
+        self.checkout(tree, commit, deadline)
         if on is not None:  # a build host (stages/remotebuild.py) builds it: not built ahead here
             return build(tree, playbook, commit, log_path, deadline, on=on)
         if self.ahead is not None:
-            self.ahead.claim_home(commit, deadline)  # (done already by checkout(): no-op then)
             self.ahead.get(commit, deadline)  # a build ahead under way is waited for, not repeated
             # the seed tree is copied for builds ahead: not while it builds (a fleet has no seed,
             # and its hosts build side by side)

@@ -246,7 +246,6 @@ def test_the_runs_own_tree_builds_ahead_while_the_step_does_not_need_it(tmp_path
     tree = run_tree(tmp_path, tmp_path / "repo", shas[0])
     builds = Builds(tmp_path / "repo", pb, tmp_path / "run", home=tree)
     try:
-        builds.checkout(tree, shas[1], Deadline.after(PATIENCE))
         step = builds.build(tree, pb, shas[1], tmp_path / "s1" / "build.log", Deadline.after(PATIENCE))
         assert step.ok
         # the step's artifacts are the cache's copies, not the tree's files
@@ -261,7 +260,6 @@ def test_the_runs_own_tree_builds_ahead_while_the_step_does_not_need_it(tmp_path
         assert b"return 1" in step.artifacts["kernel"].read_bytes()
         # the guess was right: the next step's build is that build, not another one
         n = len(ledger(tmp_path))
-        builds.checkout(tree, shas[3], Deadline.after(PATIENCE))
         nxt = builds.build(tree, pb, shas[3], tmp_path / "s2" / "build.log", Deadline.after(PATIENCE))
         assert nxt.ok and nxt.info["cached_from"] == shas[3] and len(ledger(tmp_path)) == n
     finally:
@@ -278,7 +276,6 @@ def test_claiming_the_tree_for_another_commit_stops_its_build_ahead_with_sigterm
     tree = run_tree(tmp_path, tmp_path / "repo", shas[0])
     builds = Builds(tmp_path / "repo", pb, tmp_path / "run", home=tree)
     try:
-        builds.checkout(tree, shas[1], Deadline.after(PATIENCE))
         assert builds.build(tree, pb, shas[1], tmp_path / "s1" / "build.log", Deadline.after(PATIENCE)).ok
         builds.ahead.want([shas[3]])
         deadline = Deadline.after(PATIENCE)
