@@ -19,14 +19,19 @@ def seeded(tmp_path) -> str:
                           check=True).stdout.split()[0]
 
 
-@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
-def test_demo_three_hosts_find_the_seeded_culprit(assets, tmp_path):
-    p = subprocess.run([*FB, "demo", "--hosts", "3", "--commits", "16", "--seed", "5", "--dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=1200)
+def demo(tmp_path, *args: str, timeout: float = 1200) -> tuple[str, dict]:
+    """`fleetbisect demo ARGS` in tmp_path, which must find the seeded culprit: it and the report."""
+    p = subprocess.run([*FB, "demo", *args, "--dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=timeout)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     culprit = seeded(tmp_path)
     assert f"first bad commit: {culprit}" in p.stdout
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    return culprit, json.loads((tmp_path / "run" / "report.json").read_text())
+
+
+@pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
+def test_demo_three_hosts_find_the_seeded_culprit(assets, tmp_path):
+    culprit, report = demo(tmp_path, "--hosts", "3", "--commits", "16", "--seed", "5")
     assert report["search"] == "kary" and report["culprit"] == culprit and report["confirmed"] is True
     assert {s["host"] for s in report["steps"]} == {"lab-host", "lab-host2", "lab-host3"}
     events = [json.loads(ln) for ln in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
@@ -40,12 +45,8 @@ def test_demo_three_hosts_find_the_seeded_culprit(assets, tmp_path):
 
 @pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 def test_demo_flaky_finds_the_seeded_culprit_with_its_confidence(assets, tmp_path):
-    p = subprocess.run([*FB, "demo", "--scenario", "flaky", "--hosts", "2", "--commits", "10", "--seed", "3",
-                        "--dir", str(tmp_path)], capture_output=True, text=True, timeout=2400)
-    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    culprit = seeded(tmp_path)
-    assert f"first bad commit: {culprit}" in p.stdout
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    culprit, report = demo(tmp_path, "--scenario", "flaky", "--hosts", "2", "--commits", "10", "--seed", "3",
+                           timeout=2400)
     assert report["search"] == "bayes" and report["culprit"] == culprit
     assert report["search_answer"]["confidence"] >= 0.99
     cal = report["calibration"]
@@ -61,11 +62,7 @@ def test_demo_flaky_finds_the_seeded_culprit_with_its_confidence(assets, tmp_pat
 
 @pytest.mark.slow  # a whole bisect: out of the default run, once in CI (.ci/run)
 def test_demo_one_host_two_slots_runs_two_vms_at_once(assets, tmp_path):
-    p = subprocess.run([*FB, "demo", "--slots", "2", "--commits", "16", "--seed", "5", "--dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    culprit = seeded(tmp_path)
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    culprit, report = demo(tmp_path, "--slots", "2", "--commits", "16", "--seed", "5")
     assert report["search"] == "kary" and report["culprit"] == culprit and report["confirmed"] is True
     assert {s["host"] for s in report["steps"]} == {"lab-host", "lab-host#2"}
     # Each slot booted its own QEMU from its own directory, on its own forwarded port.
