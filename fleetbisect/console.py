@@ -43,6 +43,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from . import consolelex as lex
+
 __all__ = [
     "BOOT_FAILED",
     "FATAL_KINDS",
@@ -134,164 +136,6 @@ def outcome_for(finding: Finding, *, booted: bool = True) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lines: clean, split off the timestamp
-# ---------------------------------------------------------------------------------------------
-
-_ANSI = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte (colours, clear screen, ?7l)
-    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC ... BEL/ST
-    r"|\x1b[()*+][0-9A-Za-z]"  # charset designation
-    r"|\x1b[@-Z\\-_]"  # two-byte escapes (ESC c: reset)
-    r"|\x1b"  # a lone ESC
-)
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-# printk timestamp, optional caller id ([    T1] / [    C0]), optional syslog level <N>.
-_TIMESTAMP = re.compile(r"\[\s*\d+\.\d+\](?:\[\s*[TC]\d+\])?\s?")
-_LEVEL = re.compile(r"^<\d>")
-_SYSLOG = re.compile(r"^[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S+ kernel: ")
-
-
-def _clean(raw: str) -> str:
-    return _CONTROL.sub("", _ANSI.sub("", raw.rstrip("\r")))
-
-
-def _split(text: str) -> list[str]:
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-@dataclass(frozen=True)
-class _Line:
-    text: str  # cleaned line, timestamp kept (what goes into excerpts)
-    msg: str  # the kernel message: after the timestamp, indentation kept (one space eaten)
-    ts: bool  # a printk timestamp was found on the line
-
-    @property
-    def head(self) -> str:
-        return self.msg.strip()
-
-
-def _parse(raw: str) -> _Line:
-    text = _clean(raw)
-    m = _TIMESTAMP.search(text)
-    if m:
-        msg = text[m.end():]
-        ts = True
-    else:
-        msg = _SYSLOG.sub("", _LEVEL.sub("", text))
-        ts = False
-    return _Line(text, msg, ts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Markers
-# ---------------------------------------------------------------------------------------------
-
-_CUT_HERE = re.compile(r"^-+\[ cut here \]-+")
-_END_TRACE = re.compile(r"^-+\[ end trace [0-9a-f]* ?\]-+")
-_END_PANIC = re.compile(r"^-+\[ end Kernel panic")
-_PANIC = re.compile(r"^Kernel panic - not syncing:?\s?(.*)$")
-_SOFT = re.compile(r"^(?:(?:NMI )?watchdog: )?BUG: soft lockup - (CPU#\d+ stuck for \d+s!)")
-_HARD = re.compile(r"^(?:(?:NMI )?watchdog: )?Watchdog detected hard LOCKUP on cpu \d+")
-_RCU = re.compile(
-    r"^(?:rcu: )?INFO: (rcu_\w+|rcu\w*) ((?:self-)?detected (?:expedited )?stalls? on [\w/ ]+?)\s*[:.]?\s*$"
-)
-_HUNG = re.compile(r"^INFO: task (.+):(\d+) blocked for more than (\d+) seconds")
-_WQ_LOCKUP = re.compile(r"^BUG: workqueue lockup")
-_WARNING = re.compile(r"^WARNING: ")
-_WARN_CPU = re.compile(
-    r"^WARNING: (?:CPU: \d+ PID: \d+ )?at (\S+?)(?::\d+)?\s+(?:\[<[0-9a-f]+>\]\s*)?(?:([A-Za-z_][\w.]*)(?:\+0x|\(\)))?"
-)
-_UBSAN = re.compile(r"^UBSAN: ([\w-]+)")
-_KERNEL_BUG = re.compile(r"^kernel BUG at (\S+?)!?$")
-_GPF = re.compile(r"^(?:Oops: )?general protection fault")
-_NULL = re.compile(r"^BUG: (?:kernel NULL pointer dereference|unable to handle kernel NULL pointer dereference)")
-_BUG = re.compile(r"^BUG: (.*)$")
-_ARM_FAULT = re.compile(r"^Unable to handle kernel (NULL pointer dereference|paging request)")
-# Lines that continue an oops header rather than start a report of their own.
-_OOPS_TAIL = re.compile(
-    r"^(?:Oops: |invalid opcode: |divide error: |stack segment: |Internal error: |#PF: |"
-    r"(?:PGD|P4D|PUD|PMD|PTE) [0-9a-f]+)"
-)
-_OOPS_ALONE = re.compile(r"^(Oops|invalid opcode|divide error|stack segment|Internal error): ")
-_SANITIZER = re.compile(r"^(?:BUG: (?:KASAN|KFENCE|KMSAN|KCSAN)|UBSAN):")
-_SANITIZER_END = re.compile(r"^={20,}$")
-_BANNER = re.compile(r"^Linux version (\S+) \(")
-_BANNER_ANYWHERE = re.compile(r"Linux version (\S+) \(")
-
-
-def _marker(head: str) -> tuple[str, re.Match[str] | None] | None:
-    """The kind of report a line starts, if any (a `cut here` line is handled by the caller)."""
-    if _PANIC.match(head):
-        return "panic", _PANIC.match(head)
-    if m := _SOFT.match(head):
-        return "soft-lockup", m
-    if m := _HARD.match(head):
-        return "hard-lockup", m
-    if m := _RCU.match(head):
-        return "rcu-stall", m
-    if m := _HUNG.match(head):
-        return "hung-task", m
-    if m := _WQ_LOCKUP.match(head):
-        return "hung-task", m
-    if _WARNING.match(head) or _UBSAN.match(head):
-        return "warning", None
-    if _KERNEL_BUG.match(head) or _GPF.match(head) or _BUG.match(head) or _ARM_FAULT.match(head):
-        return "oops", None
-    if _OOPS_ALONE.match(head):
-        return "oops", None
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Report body: what still belongs to a report, and where it ends
-# ---------------------------------------------------------------------------------------------
-
-_FRAME = re.compile(
-    r"^\s*(\? )?(?:\[<[0-9a-f]+>\]\s*)?(?:\[<[0-9a-f]+>\]\s*)?([A-Za-z_$][\w.$]*)\+0x[0-9a-f]+/0x[0-9a-f]+"
-)
-_RIP = re.compile(
-    r"^(?:RIP: [0-9a-f]{4}:|EIP: (?:[0-9a-f]{4}:)?|pc : |PC is at |NIP \[[0-9a-f]+\] )"
-    r"(?:\[<[0-9a-f]+>\]\s*)?([A-Za-z_$][\w.$]*)\+0x"
-)
-_TRACE_START = re.compile(r"^(?:Call Trace|Call trace|Backtrace|Stack):?\s*$|^Call Trace:")
-_BODY = re.compile(
-    r"^(?:\s"  # indented: frames, <TASK>, "Not tainted", rcu detail lines
-    r"|\? "
-    r"|</?(?:TASK|IRQ|NMI|EOI|SOFTIRQ)>"
-    r"|(?:Call Trace|Call trace|Stack|Code|Modules linked in|Hardware name|Workqueue|Kernel Offset"
-    r"|Showing|Sending NMI|NMI backtrace|irq event stamp|hardirqs last|softirqs last|task:|CPU:"
-    r"|RIP:|EIP:|RSP:|ESP:|[RE]?[ABCD]X:|R[SD]I:|RBP:|R\d+:|FS:|CS:|CR\d:|DR\d:|PKRU:|EFLAGS:"
-    r"|Tainted:|#PF:|PGD|P4D|PUD|PMD|Oops:|invalid opcode|stack segment|divide error|Internal error"
-    r"|pc :|lr :|sp :|x\d+ *:|pstate:|Mem abort|Exception stack|Register|Rebooting in|Fixing recursive"
-    r"|INFO: lockdep|Shadow of|Memory state|The buggy address|Allocated by|Freed by|Last potentially"
-    r"|\"echo 0 > /proc/sys/kernel/hung_task_timeout_secs\""
-    r"|-+\[ end |={5,}|-{5,}|\d+ locks? held by|#\d+: )"
-    r"|(?:\[<[0-9a-f]+>\]\s*)?[A-Za-z_$][\w.$]*\+0x[0-9a-f]+/0x[0-9a-f]+)"
-)
-_BODY_EXTRA = {
-    "rcu-stall": re.compile(r"^(?:rcu: |\s*\(|Task dump for CPU|task:)"),
-    "hung-task": re.compile(r"^(?:Showing busy workqueues|workqueue |  pwq |pool \d+:|  in-flight)"),
-}
-_REGS_AFTER_END = re.compile(
-    r"^(?:RIP:|EIP:|Code:|RSP:|ESP:|[RE]?[ABCD]X:|R[SD]I:|RBP:|R\d+:|FS:|CS:|CR\d:|DR\d:|PKRU:"
-    r"|Kernel Offset:|EFLAGS:)"
-)
-
-
-def _is_body(kind: str, head_line: _Line) -> bool:
-    msg = head_line.msg
-    if not msg.strip():
-        return False
-    if _BODY.match(msg) or _BODY.match(msg.strip()):
-        return True
-    extra = _BODY_EXTRA.get(kind)
-    return bool(extra and extra.match(msg))
-
-
-# ---------------------------------------------------------------------------------------------
 # Functions: the first meaningful frame
 # ---------------------------------------------------------------------------------------------
 
@@ -346,20 +190,20 @@ def _meaningful(name: str | None) -> str | None:
     return None if _GENERIC.match(name) else name
 
 
-def _trace_function(body: Sequence[_Line]) -> str | None:
+def _trace_function(body: Sequence[lex.Line]) -> str | None:
     """First meaningful, reliable (no `? `) frame after a Call Trace line."""
     in_trace = False
     for ln in body:
         head = ln.head
-        if _TRACE_START.match(head):
+        if lex.TRACE_START.match(head):
             in_trace = True
             continue
         if not in_trace:
             continue
-        r = _RIP.match(head)  # the interrupted context inside a trace: "RIP: 0010:f+0x1/0x2"
+        r = lex.RIP.match(head)  # the interrupted context inside a trace: "RIP: 0010:f+0x1/0x2"
         if r and (name := _meaningful(r.group(1))):
             return name
-        m = _FRAME.match(ln.msg)
+        m = lex.FRAME.match(ln.msg)
         if m and not m.group(1):
             name = _meaningful(m.group(2))
             if name:
@@ -367,17 +211,17 @@ def _trace_function(body: Sequence[_Line]) -> str | None:
     return None
 
 
-def _rip_function(body: Sequence[_Line]) -> str | None:
+def _rip_function(body: Sequence[lex.Line]) -> str | None:
     for ln in body:
-        m = _RIP.match(ln.head)
+        m = lex.RIP.match(ln.head)
         if m:
             return _meaningful(m.group(1))
     return None
 
 
-def _function(kind: str, head: str, body: Sequence[_Line]) -> str | None:
+def _function(kind: str, head: str, body: Sequence[lex.Line]) -> str | None:
     if kind == "warning":
-        m = _WARN_CPU.match(head)
+        m = lex.WARN_CPU.match(head)
         if m and (name := _meaningful(m.group(2))):
             return name
         return _rip_function(body) or _trace_function(body)
@@ -415,7 +259,7 @@ def _title(kind: str, head: str, m: re.Match[str] | None, function: str | None) 
     if kind == "panic":
         return head.rstrip()
     if kind == "hung-task":
-        if m is not None and m.re is _HUNG:
+        if m is not None and m.re is lex.HUNG:
             return f"INFO: task {m.group(1)}:{m.group(2)} blocked for more than {m.group(3)} seconds"
         return _with("BUG: workqueue lockup", function)
     if kind == "soft-lockup":
@@ -425,26 +269,26 @@ def _title(kind: str, head: str, m: re.Match[str] | None, function: str | None) 
     if kind == "rcu-stall":
         return _with(f"INFO: {m.group(1)} {m.group(2)}", function)
     if kind == "warning":
-        if (u := _UBSAN.match(head)):
+        if (u := lex.UBSAN.match(head)):
             return _with(f"UBSAN: {u.group(1)}", function)
-        w = _WARN_CPU.match(head)
+        w = lex.WARN_CPU.match(head)
         if w:
             return f"WARNING in {function}" if function else f"WARNING at {w.group(1)}"
         return head.rstrip(" :")
     if kind == "oops":
-        if _NULL.match(head) or _ARM_FAULT.match(head) and "NULL" in head:
+        if lex.NULL.match(head) or lex.ARM_FAULT.match(head) and "NULL" in head:
             return _with("BUG: kernel NULL pointer dereference", function)
-        if _GPF.match(head):
+        if lex.GPF.match(head):
             return _with("general protection fault", function)
-        if (k := _KERNEL_BUG.match(head)):
+        if (k := lex.KERNEL_BUG.match(head)):
             return _with("kernel BUG", function) if function else f"kernel BUG at {k.group(1)}"
         if head.startswith("BUG: unable to handle page fault"):
             return _with("BUG: unable to handle page fault", function)
-        if head.startswith("BUG: unable to handle kernel paging request") or _ARM_FAULT.match(head):
+        if head.startswith("BUG: unable to handle kernel paging request") or lex.ARM_FAULT.match(head):
             return _with("BUG: unable to handle kernel paging request", function)
-        if (b := _BUG.match(head)):
+        if (b := lex.BUG.match(head)):
             return _with(_bug_base(b.group(1)), function)
-        if (o := _OOPS_ALONE.match(head)):
+        if (o := lex.OOPS_ALONE.match(head)):
             return _with(o.group(1), function)
     return head
 
@@ -453,18 +297,18 @@ def _title(kind: str, head: str, m: re.Match[str] | None, function: str | None) 
 # classify
 # ---------------------------------------------------------------------------------------------
 
-def _kernel_lines(parsed: Sequence[_Line]) -> list[bool]:
+def _kernel_lines(parsed: Sequence[lex.Line]) -> list[bool]:
     """Which lines may carry a kernel marker: with timestamps on the console, only those."""
     any_ts = any(p.ts for p in parsed)
     return [p.ts or not any_ts for p in parsed]
 
 
-def _report_end(kind: str, parsed: Sequence[_Line], start: int, marker: int, starts: set[int]) -> int:
+def _report_end(kind: str, parsed: Sequence[lex.Line], start: int, marker: int, starts: set[int]) -> int:
     """Index (inclusive) of the last line of the report whose marker is at `marker`."""
     limit = min(len(parsed), start + MAX_EXCERPT)
-    end_re = _END_PANIC if kind == "panic" else _END_TRACE
-    if _SANITIZER.match(parsed[marker].head):
-        end_re = _SANITIZER_END  # KASAN/UBSAN/KFENCE reports end with a line of '='
+    end_re = lex.END_PANIC if kind == "panic" else lex.END_TRACE
+    if lex.SANITIZER.match(parsed[marker].head):
+        end_re = lex.SANITIZER_END  # KASAN/UBSAN/KFENCE reports end with a line of '='
     # 1. An explicit end line before the next report.
     for i in range(marker + 1, limit):
         if i in starts:
@@ -473,10 +317,10 @@ def _report_end(kind: str, parsed: Sequence[_Line], start: int, marker: int, sta
         if end_re.match(head):
             j = i
             if kind != "panic":  # x86 repeats the RIP and registers after the end trace line
-                while j + 1 < limit and (j + 1) not in starts and _REGS_AFTER_END.match(parsed[j + 1].head):
+                while j + 1 < limit and (j + 1) not in starts and lex.REGS_AFTER_END.match(parsed[j + 1].head):
                     j += 1
             return j
-        if kind == "panic" and _END_TRACE.match(head):
+        if kind == "panic" and lex.END_TRACE.match(head):
             break
     # 2. Heuristic: lines that look like a report body; tolerate short gaps of foreign lines
     #    (interleaved output) while a stack dump is still open.
@@ -488,14 +332,14 @@ def _report_end(kind: str, parsed: Sequence[_Line], start: int, marker: int, sta
             break
         ln = parsed[i]
         head = ln.head
-        if _is_body(kind, ln):
+        if lex.is_body(kind, ln):
             last = i
             gap = 0
             if re.match(r"^<(?:TASK|IRQ|NMI|SOFTIRQ)>$", head):
                 open_blocks += 1
             elif re.match(r"^</(?:TASK|IRQ|NMI|SOFTIRQ)>$", head):
                 open_blocks = max(0, open_blocks - 1)
-            if _END_TRACE.match(head) or _END_PANIC.match(head):
+            if lex.END_TRACE.match(head) or lex.END_PANIC.match(head):
                 break
             continue
         gap += 1
@@ -513,8 +357,8 @@ def classify(
     """Findings in console order. `idle_seconds`/`idle_limit`: how long the console has been
     quiet and how long is too long; when both are given and the limit is reached, a `silent`
     finding ends the list."""
-    raw_lines = _split(text)
-    parsed = [_parse(r) for r in raw_lines]
+    raw_lines = lex.split(text)
+    parsed = [lex.parse(r) for r in raw_lines]
     kernel = _kernel_lines(parsed)
 
     # Pass 1: report starts.
@@ -526,22 +370,22 @@ def classify(
         head = ln.head
         if not kernel[i] or not head:
             continue
-        if _BANNER.match(head) or (not ln.ts and _BANNER_ANYWHERE.search(head)):
+        if lex.BANNER.match(head) or (not ln.ts and lex.BANNER_ANYWHERE.search(head)):
             if banner_seen:
-                starts.append((i, i, "reset", _BANNER_ANYWHERE.search(head)))
+                starts.append((i, i, "reset", lex.BANNER_ANYWHERE.search(head)))
             banner_seen = True
             cut_pending = oops_open = None
             continue
-        if _CUT_HERE.match(head):
+        if lex.CUT_HERE.match(head):
             if cut_pending is not None:
                 starts.append((cut_pending, cut_pending, "warning", None))
             cut_pending = i
             continue
-        if _TRACE_START.match(head):
+        if lex.TRACE_START.match(head):
             oops_open = None
-        if oops_open is not None and i - oops_open <= 12 and _OOPS_TAIL.match(head):
+        if oops_open is not None and i - oops_open <= 12 and lex.OOPS_TAIL.match(head):
             continue  # "Oops: 0000 [#1]" after "BUG: kernel NULL pointer dereference"
-        found = _marker(head)
+        found = lex.marker(head)
         if found is None:
             if cut_pending is not None and i - cut_pending > 3:
                 starts.append((cut_pending, cut_pending, "warning", None))
@@ -575,7 +419,7 @@ def classify(
                 tuple(p.text for p in parsed[start:end + 1]), None,
             ))
             continue
-        bare_cut = marker == start and bool(_CUT_HERE.match(parsed[start].head))
+        bare_cut = marker == start and bool(lex.CUT_HERE.match(parsed[start].head))
         if bare_cut:
             # A `cut here` with no recognised marker after it: the next message is the report.
             nxt = next((j for j in range(start + 1, min(len(parsed), start + 4)) if parsed[j].head), None)
@@ -587,7 +431,7 @@ def classify(
         head = parsed[marker].head
         function = _function(kind, head, body)
         if function is None and kind == "panic" and findings and not any(
-            _TRACE_START.match(b.head) for b in body
+            lex.TRACE_START.match(b.head) for b in body
         ):
             function = findings[-1].function  # "Fatal exception": the oops before it says where
         if bare_cut:
@@ -614,16 +458,16 @@ def classify(
 
 def banners(text: str) -> list[tuple[int, str]]:
     """(1-based line, banner message) of every kernel `Linux version` banner."""
-    parsed = [_parse(r) for r in _split(text)]
+    parsed = [lex.parse(r) for r in lex.split(text)]
     kernel = _kernel_lines(parsed)
     out = []
     for i, ln in enumerate(parsed):
         if not kernel[i]:
             continue
         head = ln.head
-        if _BANNER.match(head):
+        if lex.BANNER.match(head):
             out.append((i + 1, head))
-        elif not ln.ts and (m := _BANNER_ANYWHERE.search(head)):
+        elif not ln.ts and (m := lex.BANNER_ANYWHERE.search(head)):
             out.append((i + 1, head[m.start():]))
     return out
 
@@ -639,7 +483,7 @@ def kernel_release(text: str) -> str | None:
     banner = first_banner(text)
     if banner is None:
         return None
-    m = _BANNER_ANYWHERE.search(banner)
+    m = lex.BANNER_ANYWHERE.search(banner)
     return m.group(1) if m else None
 
 
@@ -665,7 +509,7 @@ def signature_matches(finding: Finding, signature: str | re.Pattern[str]) -> boo
     if finding.lines:
         if rx.search("\n".join(finding.lines)):
             return True
-        if rx.search("\n".join(_parse(x).msg.strip() for x in finding.lines)):
+        if rx.search("\n".join(lex.parse(x).msg.strip() for x in finding.lines)):
             return True
     return False
 

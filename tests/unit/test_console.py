@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetbisect import console
+from fleetbisect import console, consolelex
 from fleetbisect.console import (
     KINDS,
     MAX_EXCERPT,
@@ -89,7 +89,7 @@ def test_golden_invariants(name):
         assert 1 <= len(f.lines) <= MAX_EXCERPT
         assert f.end <= len(raw_lines)
         # The excerpt starts on the finding's line (cleaned of control characters).
-        assert f.lines[0] in console._clean(raw_lines[f.line - 1]) or f.lines[0] == console._clean(raw_lines[f.line - 1])
+        assert f.lines[0] in consolelex.clean(raw_lines[f.line - 1]) or f.lines[0] == consolelex.clean(raw_lines[f.line - 1])
         assert "\x00" not in f.excerpt and "\x1b" not in f.excerpt and "\r" not in f.excerpt
         assert f.title and "\n" not in f.title
         if f.function:
