@@ -42,11 +42,10 @@ def test_a_bad_kernel_is_a_hang_within_stall_plus_2s_of_its_last_byte(
     assert last["stalled_at_s"] - last["last_progress_s"] >= 2
     # the answer (the host checked, the outcome made) within stall + 2 s of the last byte
     assert hang.details["ended_s"] - last["last_progress_s"] <= 2 + 2, last
-    # the reproduce stage did not wait out the 60 s timeout either: it ended with that answer
-    before = sum(i.get("seconds", 0) for i in hang.details["iterations"][:-1])
-    assert rec.durations["reproduce"] < 60, (rec.durations, before)
     # the log has the samples of every transfer, the stalled one included
     log = [json.loads(x) for x in (tmp_path / "s" / "reproducer.log").read_text().splitlines()]
+    # ... and the reproducer ended with that answer (not the 60 s timeout, not another transfer)
+    assert log[-2].get("stalled") and log[-1] == {"iteration": last["iteration"], "ended_s": hang.details["ended_s"]}
     assert any(x.get("stalled") for x in log)
     assert all("samples" in x for x in log if "bytes" in x)
 
