@@ -40,12 +40,13 @@ class LabHostError(RuntimeError):
 def free_port(count: int = 1) -> int:
     """A free loopback port; with `count`, the first of that many free in a row (a host's
     slots forward consecutive guest ports)."""
-    while True:
+    for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
         if base + count - 1 <= 65535 and all(_free(p) for p in range(base + 1, base + count)):
             return base
+    raise LabHostError(f"no {count} free loopback ports in a row after 200 tries")
 
 
 def _free(port: int) -> bool:
